@@ -1,0 +1,2 @@
+"""vrp-eval: the VLM Reliability Probe."""
+__version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""One attention dispatcher for every attention-level observation and intervention.
+
+transformers 5 calls `ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, query, key, value,
+attention_mask, scaling=..., dropout=...)` in each attention module. `attention_hooks(...)` switches
+the language model to the registered implementation "vrp" for the duration of a `with` block and
+pushes `AttentionHook`s; the dispatcher lets observers read what they need (for example the one
+query row that predicts the answer) and runs plain SDPA unless a hook modifies the scores or the
+probabilities of that layer, in which case that layer alone runs an eager path. Hooks never outlive
+the block: the previous implementation is restored even when the block raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+IMPLEMENTATION = "vrp"
+
+_ACTIVE: contextvars.ContextVar[tuple["_Scope", ...]] = contextvars.ContextVar("vrp_attention_scopes", default=())
+
+
+class AttentionHook:
+    """Base class: override `observe`, `modify_scores` and/or `modify_probs`.
+
+    `layers`: decoder-layer indices the hook applies to (None = every decoder layer).
+    `modifies`: True when the hook changes scores or probabilities (forces the eager path there).
+    """
+
+    layers: frozenset[int] | None = None
+    modifies: bool = False
+
+    def applies_to(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor,
+                attention_mask: torch.Tensor | None, scaling: float, module: nn.Module) -> None:
+        """Query (B, H, Tq, d) and key (B, H, Tk, d) after GQA expansion; additive float mask or None."""
+
+    def modify_scores(self, layer: int, scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Pre-softmax scores (B, H, Tq, Tk), mask already added."""
+        return scores
+
+    def modify_probs(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        """Post-softmax probabilities (B, H, Tq, Tk)."""
+        return probs
+
+
+class _Scope:
+    def __init__(self, layer_of: dict[int, int], hooks: tuple[AttentionHook, ...]):
+        self.layer_of = layer_of
+        self.hooks = hooks
+
+
+def repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return states
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, n_rep, length, dim).reshape(batch, heads * n_rep, length, dim)
+
+
+def _float_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return attention_mask
+    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~attention_mask, torch.finfo(dtype).min)
+
+
+def causal_float_mask(q_len: int, k_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The additive causal mask of the last `q_len` queries over `k_len` keys (1, 1, q, k)."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device)
+    return mask.masked_fill(k_pos > q_pos, torch.finfo(dtype).min)[None, None]
+
+
+def vrp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None,
+                          dropout: float = 0.0, **kwargs: Any):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    scopes = _ACTIVE.get()
+    layer = None
+    hooks: list[AttentionHook] = []
+    for scope in scopes:
+        index = scope.layer_of.get(id(module))
+        if index is not None:
+            layer = index
+            hooks.extend(h for h in scope.hooks if h.applies_to(index))
+    if layer is None or not hooks:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    n_rep = query.shape[1] // key.shape[1]
+    key_full, value_full = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    mask = _float_mask(attention_mask, query.dtype)
+    if mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):
+        mask = causal_float_mask(query.shape[2], key.shape[2], query.dtype, query.device)
+    for hook in hooks:
+        hook.observe(layer, query, key_full, mask, scaling, module)
+    if not any(h.modifies for h in hooks):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    scores = torch.matmul(query, key_full.transpose(2, 3)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask[:, :, :, : key_full.shape[-2]]
+    for hook in hooks:
+        scores = hook.modify_scores(layer, scores, mask)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    for hook in hooks:
+        probs = hook.modify_probs(layer, probs)
+    output = torch.matmul(probs, value_full).transpose(1, 2).contiguous()
+    return output, probs
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, vrp_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    _registered = True
+
+
+def layer_index_map(decoder_layers: Iterable[nn.Module]) -> dict[int, int]:
+    """id(module) -> decoder-layer index, for every module inside each decoder layer."""
+    return {id(m): i for i, layer in enumerate(decoder_layers) for m in layer.modules()}
+
+
+@contextlib.contextmanager
+def attention_hooks(adapter, *hooks: AttentionHook) -> Iterator[None]:
+    """Route the language model's attention through the dispatcher with `hooks` active."""
+    _register()
+    target = adapter.language_model
+    config = target.config
+    previous = config._attn_implementation
+    scope = _Scope(layer_index_map(adapter.decoder_layers), tuple(hooks))
+    token = _ACTIVE.set(_ACTIVE.get() + (scope,))
+    switched = False
+    try:
+        if previous != IMPLEMENTATION:
+            target.set_attn_implementation(IMPLEMENTATION)
+            switched = True
+        yield
+    finally:
+        _ACTIVE.reset(token)
+        if switched:
+            target.set_attn_implementation(previous)

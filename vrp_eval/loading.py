@@ -1,0 +1,139 @@
+"""One loader for Hub ids, local folders and zoo names.
+
+    loaded = load_model("tiny-llava")                      # shipped zoo model
+    loaded = load_model("llava-hf/llava-1.5-7b-hf", dtype="bfloat16", device_map="auto")
+    loaded = load_model("/path/to/a/save_pretrained/folder")
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vrp_eval.adapters import FamilyAdapter, adapter_for
+from vrp_eval.zoo import ZOO, is_zoo_name, zoo_path
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    adapter: FamilyAdapter
+    model_name: str
+    model_path: str
+    model_sha: str
+    dtype: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _weights_sha(folder: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model(model_id: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(path or Hub id to pass to from_pretrained, local folder if any)."""
+    if is_zoo_name(model_id):
+        path = zoo_path(model_id)
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"zoo model {model_id!r} has no weights at {path}; build them with "
+                f"`vrp-eval train-tiny --family {ZOO[model_id]}`"
+            )
+        return str(path), str(path)
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} exists but holds no config.json: is it a `save_pretrained` folder?")
+        return str(path), str(path)
+    if model_id.startswith((".", "/", "~")):
+        raise ModelLoadError(f"no such model folder: {model_id}")
+    return model_id, None
+
+
+def load_model(
+    model_id: str,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load a VLM with `AutoModelForImageTextToText` + `AutoProcessor` and pick its adapter."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    source, local = resolve_model(model_id, revision)
+    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if local is None and _offline():
+        common["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except OSError as error:
+        hint = ("the Hub cannot be reached (HF_HUB_OFFLINE is set)" if _offline()
+                else "it is neither a zoo name, a local folder, nor a reachable Hub model")
+        raise ModelLoadError(
+            f"cannot load model {model_id!r}: it is not in the local Hugging Face cache and {hint}. "
+            f"Download it first on a machine with network (`hf download {model_id}`), pass a local "
+            f"`save_pretrained` folder, or use a zoo model ({', '.join(sorted(ZOO))}). ({error.__class__.__name__})"
+        ) from None
+    except ValueError as error:
+        raise ModelLoadError(f"cannot read the config of {model_id!r}: {error}") from None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, config=config, dtype=DTYPES[dtype], device_map=device_map,
+            attn_implementation=attn_implementation, **common,
+        )
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise ModelLoadError(
+                f"model type {config.model_type!r} ({type(config).__name__}) is not a vision-language "
+                "model that AutoModelForImageTextToText can load; vrp-eval probes image-text-to-text "
+                "models such as LLaVA, PaliGemma and Qwen2-VL."
+            ) from None
+        raise
+    processor = AutoProcessor.from_pretrained(source, **common)
+    if device_map is None:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    if local is not None:
+        sha = _weights_sha(Path(local))
+    else:
+        sha = getattr(config, "_commit_hash", None) or "unknown"
+    loaded_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return LoadedModel(model=model, processor=processor, adapter=adapter_for(model, processor),
+                       model_name=model_id, model_path=source, model_sha=sha, dtype=loaded_dtype)
