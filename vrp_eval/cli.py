@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tiny": ("vrp_eval.commands.train_tiny", "train a tiny zoo model on vrp-synth"),
     "push": ("vrp_eval.commands.push", "push a results file to a Hub results dataset"),
     "card": ("vrp_eval.commands.card", "write model-index metadata for a model card"),
+    "tasks-dir": ("vrp_eval.commands.tasks_dir", "print the folder of the lmms-eval task YAMLs (for --include_path)"),
 }
 
 

@@ -10,11 +10,12 @@ what it already wrote (same settings), and an error in one batch loses nothing c
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
@@ -22,6 +23,10 @@ from vrp_eval.adapters import DEFAULT_POST_PROMPT
 from vrp_eval.data import DataError, Example, load_examples, load_image
 from vrp_eval.generation import AnswerOutput, generate_answers
 from vrp_eval.loading import LoadedModel
+
+
+SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens", "consistency")
+DEFAULT_SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens")
 
 
 @dataclass
@@ -39,9 +44,26 @@ class ProbeSettings:
     n_bootstrap: int = 1000
     seed: int = 0
     on_bad_image: str = "error"  # error | skip
+    # --- the probe engine ---
+    signals: tuple[str, ...] = DEFAULT_SIGNALS
+    layers: tuple[int, ...] | None = None  # decoder layers to trace (None: all)
+    window: int | None = None  # knockout window width (None: ceil(L / 4))
+    noise: str = "gaussian"  # gaussian | mean | zero
+    noise_scale: float = 3.0  # k: noise std = k * sigma
+    n_noise: int = 5  # K noise samples per input
+    n_calibration: int = 64  # samples used to estimate sigma
+    consistency_k: int = 10
+
+    def __post_init__(self) -> None:
+        self.signals = tuple(self.signals)
+        unknown = set(self.signals) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"unknown signals {sorted(unknown)}; choose from {', '.join(SIGNALS)}")
+        if self.layers is not None:
+            self.layers = tuple(int(layer) for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return json.loads(json.dumps(asdict(self)))
 
 
 CONFIDENCE_KINDS = ("product", "first_token", "length_norm", "option")
@@ -64,6 +86,32 @@ class SampleRecord:
     kind: str
     option_probs: dict[str, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    reliability: float | None = None
+    overconfidence: float | None = None
+    half: str | None = None  # discovery | heldout
+    # attention (clean run)
+    sharpness: float | None = None
+    sharpness_per_layer: list[float] | None = None
+    image_attention_mass: float | None = None
+    image_attention_mass_per_layer: list[float] | None = None
+    spatial_entropy: float | None = None
+    spatial_entropy_per_layer: list[float] | None = None
+    d_spatial_entropy: list[float] | None = None
+    cluster_count: int | None = None
+    token_confidence: float | None = None
+    logit_lens_margin: list[float] | None = None
+    self_consistency: float | None = None
+    # causal tracing
+    p_clean: float | None = None
+    p_corrupted: float | None = None
+    ie: dict[str, list[float]] | None = None
+    # circuit (discovery half: knockout; held-out half: corrupted and control runs)
+    knockout_scores: list[float] | None = None
+    corrupted_answer: str | None = None
+    corrupted_score: float | None = None
+    control_answer: str | None = None
+    control_score: float | None = None
+    sharpness_corrupted: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=_json_default)
@@ -101,31 +149,215 @@ def choose_confidence(output: AnswerOutput, kind: str, example: Example) -> floa
             "length_norm": output.confidence_length_norm}[kind]
 
 
-def _batches(items: list[Example], size: int) -> Iterable[list[Example]]:
+def _batches(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def answer_examples(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings) -> list[SampleRecord]:
-    """Greedy answers, confidences and scores for one batch."""
+def half_of(question_id: Any, seed: int) -> str:
+    """Discovery or held-out, from a hash of the sample id: independent of order, batching and sharding."""
+    digest = hashlib.sha256(f"{seed}:{question_id}".encode()).digest()
+    return "discovery" if digest[0] % 2 == 0 else "heldout"
+
+
+@dataclass
+class EngineState:
+    """What the whole run shares: noise scales and (after the discovery pass) the circuit."""
+
+    sigma: Any = None
+    windows: list[tuple[int, int]] = field(default_factory=list)
+    circuit: tuple[int, int] | None = None
+    control: tuple[int, int] | None = None
+
+
+def _encode(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings):
     adapter = loaded.adapter
     images = [load_image(e) for e in examples]
     prompts = [adapter.build_prompt(e.prompt_text(settings.post_prompt)) for e in examples]
     batch = adapter.encode(images, prompts)
-    outputs = generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens,
-                               option_letters=[e.option_letters for e in examples])
+    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
+    return batch, groups
+
+
+def _select(batch, rows: list[int]):
+    """Rows of an encoded batch (Qwen2-VL's flattened pixel patches are split per image)."""
+    import torch
+
+    index = torch.tensor(rows)
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values" and "image_grid_thw" in batch:
+            sizes = batch["image_grid_thw"].prod(-1).tolist()
+            chunks = value.split(sizes)
+            out[key] = torch.cat([chunks[r] for r in rows])
+        elif torch.is_tensor(value) and value.shape[:1] == batch["input_ids"].shape[:1]:
+            out[key] = value[index]
+        else:
+            out[key] = value
+    # Drop columns that are padding in every selected row, so the sub-batch equals a fresh encoding.
+    keep = out["attention_mask"].bool().any(0)
+    first = int(keep.int().argmax())
+    for key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels"):
+        if key in out and torch.is_tensor(out[key]) and out[key].dim() == 2:
+            out[key] = out[key][:, first:]
+    return type(batch)(out) if hasattr(batch, "convert_to_tensors") else out
+
+
+def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings,
+                state: EngineState) -> list[SampleRecord]:
+    """Pass 1 for a batch: clean answers and confidences, attention signals, causal trace, knockouts."""
+    from vrp_eval import statistics
+
+    batch, groups = _encode(loaded, examples, settings)
+    signals = set(settings.signals)
+    recorder = None
+    hooks = []
+    if signals & {"attention", "structural"}:
+        from vrp_eval.attention import SharpnessRecorder
+
+        recorder = SharpnessRecorder.for_batch(loaded.adapter, batch)
+        hooks.append(recorder)
+    outputs = _generate(loaded, batch, settings, examples, hooks)
     records = []
     for example, output in zip(examples, outputs):
+        score = score_answer(example, output.text)
+        confidence = choose_confidence(output, settings.confidence, example)
         records.append(SampleRecord(
-            question_id=example.question_id, question=example.question, answer=output.text,
-            score=score_answer(example, output.text),
-            confidence=choose_confidence(output, settings.confidence, example),
-            confidence_product=output.confidence, confidence_first_token=output.first_token_prob,
-            confidence_length_norm=output.confidence_length_norm, token_probs=output.token_probs,
-            reference=example.reference, kind=example.kind, option_probs=output.option_probs,
-            meta=example.meta,
+            question_id=example.question_id, question=example.question, answer=output.text, score=score,
+            confidence=confidence, confidence_product=output.confidence,
+            confidence_first_token=output.first_token_prob, confidence_length_norm=output.confidence_length_norm,
+            token_probs=output.token_probs, reference=example.reference, kind=example.kind,
+            option_probs=output.option_probs, meta=example.meta,
+            reliability=float(statistics.reliability([confidence], [score])[0]),
+            overconfidence=float(statistics.overconfidence([confidence], [score])[0]),
+            half=half_of(example.question_id, settings.seed),
         ))
+    if recorder is not None:
+        for record, sig in zip(records, recorder.signals()):
+            record.sharpness = sig.sharpness
+            record.sharpness_per_layer = sig.sharpness_per_layer
+            record.image_attention_mass = sig.image_attention_mass
+            record.image_attention_mass_per_layer = sig.image_attention_mass_per_layer
+            if "structural" in signals:
+                record.spatial_entropy = sig.spatial_entropy
+                record.spatial_entropy_per_layer = sig.spatial_entropy_per_layer
+                record.d_spatial_entropy = sig.d_spatial_entropy
+                record.cluster_count = sig.cluster_count
+    target_ids = [o.first_token_id for o in outputs]
+    if "structural" in signals:
+        from vrp_eval.attention import token_confidence
+
+        for record, output in zip(records, outputs):
+            record.token_confidence = token_confidence(output.token_probs)
+    if "logit_lens" in signals:
+        from vrp_eval.attention import logit_lens_margin
+
+        for record, margins in zip(records, logit_lens_margin(loaded, batch, target_ids)):
+            record.logit_lens_margin = margins
+    if "consistency" in signals:
+        from vrp_eval.attention import self_consistency
+
+        for record, value in zip(records, self_consistency(loaded, batch, k=settings.consistency_k,
+                                                           seed=settings.seed)):
+            record.self_consistency = value
+    if "tracing" in signals:
+        from vrp_eval.tracing import trace_batch
+
+        for record, trace in zip(records, trace_batch(loaded, batch, target_ids, _trace_settings(settings),
+                                                      state.sigma)):
+            record.p_clean, record.p_corrupted, record.ie = trace.p_clean, trace.p_corrupted, trace.ie
+    if "circuit" in signals:
+        from vrp_eval.tracing import knockout_answers
+
+        rows = [i for i, r in enumerate(records) if r.half == "discovery"]
+        if rows:
+            sub = _select(batch, rows)
+            per_window = [knockout_answers(loaded, sub, window, max_new_tokens=settings.max_new_tokens)
+                          for window in state.windows]
+            for j, row in enumerate(rows):
+                records[row].knockout_scores = [score_answer(examples[row], answers[j].text)
+                                                for answers in per_window]
     return records
+
+
+def heldout_batch(loaded: LoadedModel, examples: list[Example], records: list[SampleRecord],
+                  settings: ProbeSettings, state: EngineState) -> None:
+    """Pass 2 for held-out samples: corrupt the image states inside the circuit (and the control window)."""
+    from vrp_eval.tracing import corrupted_answers
+
+    batch, _ = _encode(loaded, examples, settings)
+    hooks = []
+    recorder = None
+    if set(settings.signals) & {"attention", "structural"}:
+        from vrp_eval.attention import SharpnessRecorder
+
+        recorder = SharpnessRecorder.for_batch(loaded.adapter, batch)
+        hooks.append(recorder)
+    corrupted = corrupted_answers(loaded, batch, state.circuit, settings.noise, settings.noise_scale, state.sigma,
+                                  settings.seed, extra_hooks=hooks, max_new_tokens=settings.max_new_tokens)
+    control = corrupted_answers(loaded, batch, state.control, settings.noise, settings.noise_scale, state.sigma,
+                                settings.seed, max_new_tokens=settings.max_new_tokens)
+    sharp = recorder.signals() if recorder is not None else [None] * len(records)
+    for example, record, c, k, sig in zip(examples, records, corrupted, control, sharp):
+        record.corrupted_answer, record.corrupted_score = c.text, score_answer(example, c.text)
+        record.control_answer, record.control_score = k.text, score_answer(example, k.text)
+        record.sharpness_corrupted = sig.sharpness if sig is not None else None
+
+
+def _generate(loaded, batch, settings, examples, hooks):
+    if not hooks:
+        return generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens,
+                                option_letters=[e.option_letters for e in examples])
+    from vrp_eval.hooks import attention_hooks
+
+    with attention_hooks(loaded.adapter, *hooks):
+        return generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens,
+                                option_letters=[e.option_letters for e in examples])
+
+
+def _trace_settings(settings: ProbeSettings):
+    from vrp_eval.tracing import TraceSettings
+
+    return TraceSettings(layers=settings.layers, kind=settings.noise, scale=settings.noise_scale,
+                         n_noise=settings.n_noise, seed=settings.seed, window=settings.window)
+
+
+def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings,
+                   reduce: Callable[[Any], Any] | None = None) -> EngineState:
+    """Noise scales from up to `n_calibration` samples and the knockout windows."""
+    state = EngineState()
+    signals = set(settings.signals)
+    if not signals & {"tracing", "circuit"}:
+        return state
+    from vrp_eval.intervention import estimate_sigma
+    from vrp_eval.tracing import knockout_windows
+
+    num_layers = loaded.adapter.num_layers
+    width = settings.window or math.ceil(num_layers / 4)
+    if not 1 <= width <= num_layers:
+        raise ValueError(f"window width {width} is outside 1..{num_layers} (the model's decoder layers)")
+    if settings.layers is not None:
+        bad = [layer for layer in settings.layers if not 0 <= layer < num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: this model has decoder layers 0..{num_layers - 1}")
+    state.windows = knockout_windows(num_layers, width)
+    calibration = examples[: settings.n_calibration]
+    encoded = [_encode(loaded, chunk, settings) for chunk in _batches(calibration, settings.batch_size)]
+    state.sigma = estimate_sigma(loaded, [b for b, _ in encoded])
+    return state
+
+
+def choose_windows(records: list[SampleRecord], state: EngineState, num_layers: int) -> None:
+    from vrp_eval.tracing import choose_circuit, control_window
+
+    discovery = [r for r in records if r.half == "discovery" and r.knockout_scores is not None]
+    if not discovery:
+        raise DataError("no sample fell in the discovery half: the circuit needs more samples (raise --limit)")
+    import numpy as np
+
+    scores = np.array([r.knockout_scores for r in discovery], dtype=float)
+    state.circuit = tuple(choose_circuit(scores, state.windows, clean_scores=[r.score for r in discovery]))
+    state.control = tuple(control_window(state.circuit, num_layers))
 
 
 @dataclass
@@ -134,10 +366,22 @@ class ProbeReport:
     metrics: dict[str, Any]
     details: dict[str, Any]
     skipped: list[Any]
+    state: EngineState | None = None
 
 
-def aggregate(records: list[SampleRecord], settings: ProbeSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+def _nanmean(values) -> float:
+    import numpy as np
+
+    values = np.asarray([v for v in values if v is not None], dtype=float)
+    return float(values.mean()) if values.size else float("nan")
+
+
+def aggregate(records: list[SampleRecord], settings: ProbeSettings,
+              state: EngineState | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Aggregate metrics (SPEC names) and the details needed for pictures."""
+    import numpy as np
+
+    from vrp_eval import statistics
     from vrp_eval.calibration import calibration_summary
 
     if not records:
@@ -147,36 +391,76 @@ def aggregate(records: list[SampleRecord], settings: ProbeSettings) -> tuple[dic
     calibration = calibration_summary(confidences, scores, n_bins=settings.n_bins,
                                       n_bootstrap=settings.n_bootstrap, seed=settings.seed)
     bins = calibration.pop("bins")
-    metrics: dict[str, Any] = {
-        "accuracy": sum(scores) / len(scores),
-        "n_samples": len(records),
-        "mean_confidence": sum(confidences) / len(confidences),
-        **calibration,
-    }
+    metrics: dict[str, Any] = {"accuracy": float(np.mean(scores)), "n_samples": len(records),
+                               "mean_confidence": float(np.mean(confidences)), **calibration}
     metrics["n_samples"] = len(records)
-    return metrics, {"reliability_bins": bins}
+    details: dict[str, Any] = {"reliability_bins": bins}
+    if all(r.sharpness is not None for r in records):
+        metrics.update(statistics.attention_confidence_summary(
+            [r.sharpness for r in records], confidences, scores, n_bootstrap=settings.n_bootstrap,
+            seed=settings.seed))
+        metrics["mean_sharpness"] = _nanmean(r.sharpness for r in records)
+        metrics["mean_image_attention_mass"] = _nanmean(r.image_attention_mass for r in records)
+        per_layer = np.array([r.sharpness_per_layer for r in records], dtype=float)
+        details["sharpness_per_layer"] = per_layer.mean(0).tolist()
+    if all(r.ie is not None for r in records):
+        ie_mean = {g: np.array([r.ie[g] for r in records], dtype=float).mean(0).tolist() for g in records[0].ie}
+        details["ie_curves"] = ie_mean
+        details["p_clean"] = _nanmean(r.p_clean for r in records)
+        details["p_corrupted"] = _nanmean(r.p_corrupted for r in records)
+        if "last" in ie_mean and "image" in ie_mean:
+            from vrp_eval.tracing import integration_layer
+
+            metrics["integration_layer"] = integration_layer(ie_mean["last"], ie_mean["image"])
+    if state is not None and state.circuit is not None:
+        discovery = [r for r in records if r.knockout_scores is not None]
+        clean_disc = float(np.mean([r.score for r in discovery]))
+        knock = np.array([r.knockout_scores for r in discovery], dtype=float).mean(0)
+        details["knockout_curve"] = [
+            {"window": list(w), "accuracy": float(a), "drop": float(a / clean_disc - 1) if clean_disc else None}
+            for w, a in zip(state.windows, knock)]
+        metrics["circuit_layers"] = list(state.circuit)
+        metrics["control_layers"] = list(state.control)
+        heldout = [r for r in records if r.corrupted_score is not None]
+        if heldout:
+            clean = [r.score for r in heldout]
+            metrics.update(statistics.causal_drop_summary(clean, [r.corrupted_score for r in heldout],
+                                                          prefix="causal_acc_drop", n_bootstrap=settings.n_bootstrap,
+                                                          seed=settings.seed))
+            control = statistics.causal_drop_summary(clean, [r.control_score for r in heldout],
+                                                     prefix="control_acc_drop", n_bootstrap=settings.n_bootstrap,
+                                                     seed=settings.seed)
+            metrics.update({k: v for k, v in control.items() if k.startswith("control_acc_drop")})
+            metrics["n_heldout"] = len(heldout)
+            if all(r.sharpness_corrupted is not None for r in heldout):
+                metrics["sharpness_heldout_clean"] = _nanmean(r.sharpness for r in heldout)
+                metrics["sharpness_heldout_corrupted"] = _nanmean(r.sharpness_corrupted for r in heldout)
+    return metrics, details
 
 
-def _resume(path: Path, run_key: dict[str, Any]) -> list[SampleRecord]:
-    key_path = path.with_name("run_key.json")
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
     if not path.exists():
-        key_path.write_text(json.dumps(run_key, indent=2, sort_keys=True))
-        return []
-    if not key_path.exists() or json.loads(key_path.read_text()) != run_key:
-        raise DataError(
-            f"{path.parent} holds a run with other settings; choose a new --output folder or pass "
-            "--overwrite to start again"
-        )
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+        return rows
+    for line in path.read_text().splitlines():
         if not line.strip():
             continue
         try:
-            records.append(SampleRecord(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError):
-            # A line cut by an interrupted write: drop it and everything after, recompute those.
-            break
-    return records
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by an interrupted write: recompute it and what follows
+    return rows
+
+
+def _check_run_key(folder: Path, run_key: dict[str, Any], overwrite: bool) -> None:
+    key_path = folder / "run_key.json"
+    if overwrite:
+        for name in ("samples.jsonl", "pass1.partial.jsonl", "heldout.partial.jsonl"):
+            (folder / name).unlink(missing_ok=True)
+    elif key_path.exists() and json.loads(key_path.read_text()) != run_key:
+        raise DataError(f"{folder} holds a run with other settings; choose a new --output folder or pass "
+                        "--overwrite to start again")
+    key_path.write_text(json.dumps(run_key, indent=2, sort_keys=True))
 
 
 def run_probe(
@@ -186,54 +470,101 @@ def run_probe(
     examples: list[Example] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    reduce: Callable[[Any], Any] | None = None,
 ) -> ProbeReport:
-    """Answer, score and probe every example; append records to `output_dir/samples.jsonl`."""
+    """Answer, score and probe every example.
+
+    Pass 1 (every sample): clean answer, confidences, attention signals, causal trace, and on the
+    discovery half the knockout windows. Then the circuit is chosen on the discovery half. Pass 2
+    (held-out half): the circuit-corrupted and control runs. With `output_dir`, progress is appended
+    to partial files as each batch finishes and a rerun resumes from them; `samples.jsonl` is written
+    at the end. `reduce` (all-gather for distributed runs) merges the discovery records of all
+    processes before the circuit is chosen.
+    """
     if settings.confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"unknown confidence {settings.confidence!r}; choose one of {', '.join(CONFIDENCE_KINDS)}")
     if settings.batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {settings.batch_size}")
+    if settings.noise not in ("gaussian", "mean", "zero"):
+        raise ValueError(f"unknown noise kind {settings.noise!r}; choose gaussian, mean or zero")
     examples = examples if examples is not None else load_examples(settings.dataset, settings.split, settings.limit)
-    done: list[SampleRecord] = []
-    sink = None
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        samples_path = output_dir / "samples.jsonl"
-        if overwrite and samples_path.exists():
-            samples_path.unlink()
-        run_key = {"model": loaded.model_name, "model_sha": loaded.model_sha, "settings": settings.to_dict()}
-        done = _resume(samples_path, run_key)
-        samples_path.write_text("".join(r.to_json() + "\n" for r in done))
-        sink = samples_path.open("a")
-    finished = {r.question_id for r in done}
-    todo = [e for e in examples if e.question_id not in finished]
+    if not examples:
+        raise DataError("no examples to evaluate")
+    folder = Path(output_dir) if output_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        _check_run_key(folder, {"model": loaded.model_name, "model_sha": loaded.model_sha,
+                                "settings": settings.to_dict()}, overwrite)
     skipped: list[Any] = []
-    records = list(done)
-    bar = tqdm(total=len(examples), initial=len(done), desc=f"vrp-eval {loaded.model_name}",
-               unit="sample", disable=not progress)
+    if settings.on_bad_image == "skip":
+        good = []
+        for example in examples:
+            try:
+                load_image(example)
+                good.append(example)
+            except DataError:
+                skipped.append(example.question_id)
+        examples = good
+    state = prepare_engine(loaded, examples, settings, reduce)
+
+    pass1_path = folder / "pass1.partial.jsonl" if folder else None
+    records = {row["question_id"]: SampleRecord(**row) for row in _read_jsonl(pass1_path)} if folder else {}
+    todo = [e for e in examples if e.question_id not in records]
+    _run_pass(f"vrp-eval {loaded.model_name}", examples, todo, settings, progress, pass1_path,
+              lambda chunk: probe_batch(loaded, chunk, settings, state), records)
+
+    if "circuit" in settings.signals:
+        ordered = [records[e.question_id] for e in examples]
+        everyone = reduce(ordered) if reduce is not None else ordered
+        choose_windows(everyone, state, loaded.adapter.num_layers)
+        heldout_path = folder / "heldout.partial.jsonl" if folder else None
+        done = {row["question_id"]: row for row in _read_jsonl(heldout_path)} if folder else {}
+        for qid, row in done.items():
+            if qid in records:
+                for key in ("corrupted_answer", "corrupted_score", "control_answer", "control_score",
+                            "sharpness_corrupted"):
+                    setattr(records[qid], key, row[key])
+        heldout = [e for e in examples if records[e.question_id].half == "heldout"]
+        todo = [e for e in heldout if e.question_id not in done]
+
+        def second(chunk):
+            chunk_records = [records[e.question_id] for e in chunk]
+            heldout_batch(loaded, chunk, chunk_records, settings, state)
+            return chunk_records
+
+        _run_pass("held-out circuit runs", heldout, todo, settings, progress, heldout_path, second, None,
+                  fields=("question_id", "corrupted_answer", "corrupted_score", "control_answer", "control_score",
+                          "sharpness_corrupted"))
+
+    ordered = [records[e.question_id] for e in examples]
+    metrics, details = aggregate(reduce(ordered) if reduce is not None else ordered, settings, state)
+    if skipped:
+        metrics["n_skipped"] = len(skipped)
+    if folder is not None:
+        tmp = folder / "samples.jsonl.tmp"
+        tmp.write_text("".join(r.to_json() + "\n" for r in ordered))
+        tmp.replace(folder / "samples.jsonl")
+    return ProbeReport(records=ordered, metrics=metrics, details=details, skipped=skipped, state=state)
+
+
+def _run_pass(desc, everything, todo, settings, progress, path, work, store, fields=None) -> None:
+    sink = path.open("a") if path is not None else None
+    bar = tqdm(total=len(everything), initial=len(everything) - len(todo), desc=desc, unit="sample",
+               disable=not progress)
     try:
         for chunk in _batches(todo, settings.batch_size):
-            size = len(chunk)
-            if settings.on_bad_image == "skip":
-                good = []
-                for example in chunk:
-                    try:
-                        load_image(example)
-                        good.append(example)
-                    except DataError:
-                        skipped.append(example.question_id)
-                chunk = good
-            new = answer_examples(loaded, chunk, settings) if chunk else []
-            records.extend(new)
+            new = work(chunk)
+            if store is not None:
+                for record in new:
+                    store[record.question_id] = record
             if sink is not None:
-                sink.write("".join(r.to_json() + "\n" for r in new))
+                rows = [asdict(r) for r in new]
+                if fields:
+                    rows = [{k: row[k] for k in fields} for row in rows]
+                sink.write("".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
                 sink.flush()
-            bar.update(size)
+            bar.update(len(chunk))
     finally:
         bar.close()
         if sink is not None:
             sink.close()
-    metrics, details = aggregate(records, settings)
-    if skipped:
-        metrics["n_skipped"] = len(skipped)
-    return ProbeReport(records=records, metrics=metrics, details=details, skipped=skipped)

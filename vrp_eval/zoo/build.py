@@ -14,7 +14,7 @@ import torch
 
 FAMILIES = ("llava", "paligemma", "qwen2vl")
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 48
 IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]
 
@@ -22,7 +22,7 @@ IMAGE_STD = [0.5, 0.5, 0.5]
 # the prompts those harnesses build tokenize without unknown words.
 PROMPT_WORDS = (
     "user assistant system answer en the question using a single word or phrase with option's "
-    "letter from given choices directly options context you are helpful image picture"
+    "letter from given choices directly options context you are helpful image picture a b c d e"
 ).split()
 PUNCTUATION = list(".,:;?!'\"()-/")
 
@@ -63,11 +63,12 @@ class TinySpec:
 
     num_layers: int = 8
     hidden_size: int = 64
-    intermediate_size: int = 192
+    intermediate_size: int = 256
     num_heads: int = 4
-    vision_layers: int = 2
-    vision_hidden: int = 64
-    patch_size: int = 4
+    vision_layers: int = 3
+    vision_hidden: int = 128
+    patch_size: int = 8  # LLaVA / PaliGemma: (48 / 8)^2 = 36 image tokens
+    qwen_patch_size: int = 4  # Qwen2-VL merges 2x2 patches: (48 / 4 / 2)^2 = 36 image tokens
     image_size: int = IMAGE_SIZE
     extra: dict = field(default_factory=dict)
 
@@ -145,12 +146,12 @@ def build_processor(words: list[str], family: str, spec: TinySpec | None = None)
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
         image_processor = Qwen2VLImageProcessor(
-            patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+            patch_size=spec.qwen_patch_size, merge_size=2, temporal_patch_size=2,
             min_pixels=size * size, max_pixels=size * size,
             image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
         )
         video_processor = Qwen2VLVideoProcessor(
-            patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+            patch_size=spec.qwen_patch_size, merge_size=2, temporal_patch_size=2,
             min_pixels=size * size, max_pixels=size * size,
         )
         return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -203,7 +204,7 @@ def build_config(family: str, tokenizer, spec: TinySpec | None = None):
                                      "mrope_section": section})
         vision_config = dict(
             depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.hidden_size,
-            num_heads=4, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            num_heads=4, patch_size=spec.qwen_patch_size, spatial_merge_size=2, temporal_patch_size=2,
             mlp_ratio=2,
         )
         ids = tokenizer.convert_tokens_to_ids

@@ -28,34 +28,85 @@ def prompt_for(adapter, question: str, rng: random.Random) -> str:
     return adapter.build_prompt(question + DEFAULT_POST_PROMPT if rng.random() < 0.8 else question)
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+PAD_VALUES = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+def pre_encode(adapter, images, prompts, answers, chunk: int = 256) -> list[dict[str, torch.Tensor]]:
+    """Run the processor once over the training set: one dict of unpadded tensors per sample."""
+    items: list[dict[str, torch.Tensor]] = []
+    for start in tqdm(range(0, len(prompts), chunk), desc="encode", unit="chunk"):
+        batch = adapter.encode(images[start:start + chunk], prompts[start:start + chunk],
+                               answers=answers[start:start + chunk])
+        valid = batch["attention_mask"].bool()
+        if "image_grid_thw" in batch:
+            blocks = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+        for row in range(valid.shape[0]):
+            item = {k: torch.as_tensor(batch[k][row])[valid[row]] for k in SEQUENCE_KEYS if k in batch}
+            if "image_grid_thw" in batch:
+                item["pixel_values"], item["image_grid_thw"] = blocks[row], batch["image_grid_thw"][row]
+            else:
+                item["pixel_values"] = batch["pixel_values"][row]
+            items.append(item)
+    return items
+
+
+def collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad pre-encoded samples into a batch equal to what the processor would have made."""
+    length = max(len(item["input_ids"]) for item in items)
+    batch: dict[str, torch.Tensor] = {}
+    for key in SEQUENCE_KEYS:
+        if key not in items[0]:
+            continue
+        fill = pad_id if key == "input_ids" else PAD_VALUES[key]
+        rows = [torch.cat([torch.full((length - len(it[key]),), fill, dtype=it[key].dtype), it[key]]) for it in items]
+        batch[key] = torch.stack(rows)
+    if "image_grid_thw" in items[0]:
+        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
+        batch["image_grid_thw"] = torch.stack([it["image_grid_thw"] for it in items])
+    else:
+        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+    return batch
+
+
+def _to(batch, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def evaluate_exact(model, adapter, records: list[dict[str, Any]], batch_size: int = 64) -> float:
-    """Greedy first-answer exact match against `multiple_choice_answer` (a quick training signal)."""
+def evaluate_exact(model, adapter, records: list[dict[str, Any]], batch_size: int = 64) -> dict[str, float]:
+    """Greedy exact match against `multiple_choice_answer`, overall and on normal / hard items."""
     model.eval()
-    correct = 0
+    device = next(model.parameters()).device
+    hits: dict[str, list[bool]] = {"all": [], "normal": [], "hard": []}
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         batch = adapter.encode([r["image"] for r in chunk],
                                [adapter.build_prompt(r["question"] + DEFAULT_POST_PROMPT) for r in chunk])
-        out = model.generate(**adapter.model_inputs(batch), do_sample=False, max_new_tokens=4,
+        out = model.generate(**_to(adapter.model_inputs(batch), device), do_sample=False, max_new_tokens=4,
                              pad_token_id=adapter.tokenizer.pad_token_id, eos_token_id=adapter.eos_token_ids)
         texts = adapter.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(t.strip() == r["multiple_choice_answer"] for t, r in zip(texts, chunk))
-    return correct / max(1, len(records))
+        for text, record in zip(texts, chunk):
+            hit = text.strip() == record["multiple_choice_answer"]
+            hits["all"].append(hit)
+            hits[record.get("difficulty", "normal")].append(hit)
+    return {k: (sum(v) / len(v) if v else float("nan")) for k, v in hits.items()}
 
 
 def train_tiny(
     family: str,
     output_dir: str | Path | None = None,
     *,
-    epochs: float = 6.0,
+    epochs: float = 12.0,
     batch_size: int = 64,
     lr: float = 1e-3,
-    n_train: int = 20000,
+    n_train: int = 40000,
     n_eval: int = 500,
     seed: int = 0,
     spec: TinySpec | None = None,
     threads: int | None = None,
+    device: str = "cpu",
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Train `family` from scratch and save it with `save_pretrained`; returns the training report."""
     if family not in FAMILY_TO_NAME:
@@ -67,27 +118,42 @@ def train_tiny(
     started = time.time()
     model, processor = build_tiny(family, synth.vocabulary(), spec, seed=seed)
     adapter = adapter_for(model, processor)
+    model.to(device)
     train = synth.generate("train", n=n_train)
     val = synth.generate("validation", n=n_eval)
     rng = random.Random(seed)
+    items = pre_encode(adapter, [r["image"] for r in train], [prompt_for(adapter, r["question"], rng) for r in train],
+                       [r["multiple_choice_answer"] for r in train])
+    del train
     torch.manual_seed(seed)
-    steps = int(math.ceil(epochs * len(train) / batch_size))
+    steps = int(math.ceil(epochs * n_train / batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # Warm-up then cosine decay to zero at `total[0]`; with a time budget the total is re-estimated
+    # from the measured step time, so the schedule still anneals fully before the budget runs out.
+    total = [steps]
+
+    def schedule(step: int) -> float:
+        warmup = max(1, int(0.05 * total[0]))
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total[0] - warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     order: list[int] = []
     model.train()
     progress = tqdm(range(steps), desc=f"train tiny-{family}", unit="step")
     losses: list[float] = []
+    train_started = time.time()
     for step in progress:
+        if step >= total[0]:
+            break
         if len(order) < batch_size:
-            fresh = list(range(len(train)))
+            fresh = list(range(len(items)))
             rng.shuffle(fresh)
             order.extend(fresh)
         idx, order = order[:batch_size], order[batch_size:]
-        chunk = [train[i] for i in idx]
-        batch = adapter.encode([r["image"] for r in chunk], [prompt_for(adapter, r["question"], rng) for r in chunk],
-                               answers=[r["multiple_choice_answer"] for r in chunk])
-        loss = model(**batch).loss
+        batch = collate([items[i] for i in idx], adapter.tokenizer.pad_token_id)
+        loss = model(**_to(batch, device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,12 +162,18 @@ def train_tiny(
         losses.append(float(loss))
         if step % 20 == 0:
             progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if max_seconds is not None and step == 50:
+            per_step = (time.time() - train_started) / 51
+            left = max_seconds - (time.time() - started) - 30  # keep time to evaluate and save
+            total[0] = min(steps, 51 + int(left / per_step))
     model.eval()
     accuracy = evaluate_exact(model, adapter, val)
+    model.to("cpu")
     report = {
-        "family": family, "name": FAMILY_TO_NAME[family], "steps": steps, "batch_size": batch_size, "lr": lr,
+        "family": family, "name": FAMILY_TO_NAME[family], "steps": steps, "steps_done": len(losses), "batch_size": batch_size, "lr": lr,
         "epochs": epochs, "n_train": n_train, "seed": seed, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "val_exact_match": accuracy, "n_val": len(val), "seconds": round(time.time() - started, 1),
+        "val_exact_match": accuracy["all"], "val_exact_match_normal": accuracy["normal"],
+        "val_exact_match_hard": accuracy["hard"], "device": device, "n_val": len(val), "seconds": round(time.time() - started, 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "spec": {k: v for k, v in vars(spec).items() if k != "extra"},
     }

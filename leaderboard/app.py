@@ -1,0 +1,330 @@
+"""The vrp-eval reliability leaderboard (a Gradio 6 Space).
+
+Reads a results dataset of `<org>/<model>/results_<timestamp>.json` files (written by `vrp-eval push`)
+from the Hub with `snapshot_download`, or from a local folder:
+
+    VRP_RESULTS_REPO=my-org/vrp-results python app.py      # endpoint: HF_ENDPOINT (default huggingface.co)
+    VRP_RESULTS_DIR=runs/ python app.py                     # every *.json below the folder
+
+Files that are not valid vrp-eval results are skipped and listed in a note above the table.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from vrp_eval.results import METRICS, ResultsError, model_slug, read_results
+
+TITLE = "VLM Reliability Leaderboard"
+#: Leaderboard columns share the SPEC vocabulary with results files and lmms-eval metrics.
+INFO_COLUMNS = ["model", "task", "model_family", "params_b", "size"]
+METRIC_COLUMNS = ["accuracy", "ece", "ece_ci", "mce", "ace", "brier", "attn_conf_r", "attn_acc_r",
+                  "attn_overconf_r", "causal_acc_drop", "control_acc_drop", "circuit_layers",
+                  "integration_layer", "n_samples"]
+PROVENANCE_COLUMNS = ["model_dtype", "model_sha", "dataset", "vrp_eval_version", "created_at"]
+COLUMNS = INFO_COLUMNS + METRIC_COLUMNS + PROVENANCE_COLUMNS
+SIZE_BUCKETS = [("<1B", 1e9), ("1-4B", 4e9), ("4-10B", 10e9), ("10-30B", 30e9), (">30B", math.inf)]
+UNKNOWN = "unknown"
+
+ABOUT = """
+## What is measured
+
+vrp-eval scores vision-language models on **reliability**, not only accuracy (the VLM Reliability
+Probe). Every column is a name from the shared vocabulary used in results files, lmms-eval metrics
+and `evaluate` outputs.
+
+| column | definition |
+|---|---|
+| `accuracy` | mean per-sample score (VQA soft accuracy, exact match or option match) |
+| `ece` | expected calibration error: 15 equal-width confidence bins, L1, weighted by bin count (lower is better); `ece_ci` is a seeded bootstrap 95% CI |
+| `mce` | maximum calibration error: the largest bin gap |
+| `ace` | adaptive ECE over equal-mass bins |
+| `brier` | mean squared difference between confidence and score |
+| `attn_conf_r` | Pearson r between attention sharpness (1 - normalised entropy of the answer position's attention over image tokens) and confidence |
+| `attn_acc_r` | Pearson r between attention sharpness and the score |
+| `attn_overconf_r` | Pearson r between attention sharpness and overconfidence max(0, confidence - score) |
+| `causal_acc_drop` | relative accuracy change when the image-position hidden states inside the causal circuit are corrupted, on held-out samples (acc_corrupted / acc_clean - 1; more negative = more causal) |
+| `control_acc_drop` | the same corruption in an equal-width window outside the circuit; a real circuit drops far more than its control |
+| `circuit_layers` | the decoder-layer window [first, last] whose attention knockout from text to image positions hurts accuracy most (chosen on a discovery half) |
+| `integration_layer` | the first layer where restoring the last position recovers more than restoring the image positions |
+| `n_samples` | number of evaluated samples |
+
+Confidence is the product of the generated answer's token probabilities unless the probe settings
+say otherwise. Sharper attention predicting confident *wrong* answers (high `attn_overconf_r`, near
+zero `attn_acc_r`) is the warning sign this board is built to show.
+
+## Submitting
+
+    vrp-eval run --model ORG/MODEL --dataset ... --output runs/x
+    vrp-eval push runs/x/results.json --repo ORG/vrp-results
+
+## Citation
+
+```bibtex
+@software{vrp_eval,
+  title  = {vrp-eval: the VLM Reliability Probe},
+  author = {{vrp-eval contributors}},
+  year   = {2025},
+  url    = {https://github.com/vrp-eval/vrp-eval}
+}
+```
+"""
+
+
+@dataclass
+class Leaderboard:
+    """Valid results (newest per model, revision, dtype and task) and the files that were skipped."""
+
+    results: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    problem: str = ""
+
+
+def load_leaderboard(source: str | Path | None, cache_dir: str | Path | None = None) -> Leaderboard:
+    """Read every results file under a local folder, or in a Hub dataset repo (via snapshot_download)."""
+    board = Leaderboard()
+    if not source:
+        board.problem = "No results source: set VRP_RESULTS_REPO (a Hub dataset) or VRP_RESULTS_DIR (a folder)."
+        return board
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=["*.json"],
+                                            endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                            cache_dir=cache_dir))
+        except Exception as error:  # noqa: BLE001 - an unreachable Hub must leave an empty board, not a crashed Space
+            board.problem = f"Could not download `{source}`: {type(error).__name__}: {error}"
+            return board
+    newest: dict[tuple, dict] = {}
+    for path in sorted(folder.rglob("*.json")):
+        relative = path.relative_to(folder).as_posix()
+        try:
+            obj = read_results(path)
+        except ResultsError as error:
+            board.skipped.append(f"{relative}: {str(error).replace(str(path), '').lstrip(': ')}")
+            continue
+        obj["_file"] = relative
+        config = obj["config"]
+        for task in obj["results"]:
+            key = (config["model_name"], config["model_sha"], config["model_dtype"], task)
+            if key not in newest or str(config.get("created_at", "")) > str(newest[key]["config"].get("created_at", "")):
+                newest[key] = obj
+    board.results = list({id(obj): obj for obj in newest.values()}.values())
+    return board
+
+
+def size_bucket(num_parameters) -> str:
+    if not isinstance(num_parameters, (int, float)) or num_parameters <= 0:
+        return UNKNOWN
+    return next(name for name, upper in SIZE_BUCKETS if num_parameters < upper)
+
+
+def _number(value, digits: int = 4):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def _model_link(name: str, config: dict) -> str:
+    if model_slug(config) == name:  # a Hub id
+        return f"[{name}](https://huggingface.co/{name})"
+    return name
+
+
+def _layers(value) -> str:
+    return f"{value[0]}-{value[1]}" if isinstance(value, list) and len(value) == 2 else ""
+
+
+def results_frame(board: Leaderboard) -> pd.DataFrame:
+    """One row per (results file, task), SPEC metric names as columns, sorted by ECE (best first)."""
+    rows = []
+    for obj in board.results:
+        config = obj["config"]
+        for task, metrics in obj["results"].items():
+            low, high = _number(metrics.get("ece_ci_low")), _number(metrics.get("ece_ci_high"))
+            params = config.get("model_num_parameters")
+            row = {
+                "model": _model_link(config["model_name"], config), "task": task,
+                "model_family": config.get("model_family") or UNKNOWN,
+                "params_b": _number(params / 1e9, 2) if _number(params) else None, "size": size_bucket(params),
+                "ece_ci": f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else "",
+                "circuit_layers": _layers(metrics.get("circuit_layers")),
+                "model_dtype": config["model_dtype"], "model_sha": config["model_sha"][:10],
+                "dataset": config["dataset"], "vrp_eval_version": config["vrp_eval_version"],
+                "created_at": str(config.get("created_at", ""))[:19],
+            }
+            for name in METRICS:
+                if name not in row:
+                    row[name] = _number(metrics.get(name))
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return frame.sort_values("ece", na_position="last", kind="stable").reset_index(drop=True)
+
+
+def filter_frame(frame: pd.DataFrame, tasks, families, sizes) -> pd.DataFrame:
+    keep = frame["task"].isin(tasks or []) & frame["model_family"].isin(families or []) & frame["size"].isin(sizes or [])
+    return frame[keep].reset_index(drop=True)
+
+
+def _entry_key(obj: dict, task: str) -> str:
+    config = obj["config"]
+    return f"{config['model_name']} · {task} · {config['model_dtype']} · {config['model_sha'][:7]}"
+
+
+def detail_views(board: Leaderboard, key: str | None):
+    """Markdown summary, reliability diagram, IE curves and knockout (circuit) frames for one entry."""
+    empty = (pd.DataFrame(columns=["confidence", "accuracy", "series"]),
+             pd.DataFrame(columns=["layer", "ie", "group"]), pd.DataFrame(columns=["window_start", "drop", "window"]))
+    for obj in board.results:
+        for task in obj["results"]:
+            if _entry_key(obj, task) == key:
+                return (_summary(obj, task), *_pictures(obj.get("details", {}).get(task, {})))
+    return ("Pick a model above.", *empty)
+
+
+def _summary(obj: dict, task: str) -> str:
+    config, metrics = obj["config"], obj["results"][task]
+    lines = [f"### {config['model_name']} on `{task}`", "",
+             (f"circuit layers **{_layers(metrics.get('circuit_layers')) or 'n/a'}**, "
+              f"control layers {_layers(metrics.get('control_layers')) or 'n/a'}, "
+              f"integration layer **{metrics.get('integration_layer', 'n/a')}**"), "",
+             "| metric | value | 95% CI |", "|---|---|---|"]
+    for name, value in metrics.items():
+        if name.endswith(("_ci_low", "_ci_high")) or isinstance(value, list):
+            continue
+        low, high = _number(metrics.get(f"{name}_ci_low")), _number(metrics.get(f"{name}_ci_high"))
+        shown = _number(value, digits=12)
+        lines.append(f"| `{name}` | {'n/a' if shown is None else f'{shown:.4g}'} | "
+                     f"{f'[{low}, {high}]' if low is not None and high is not None else ''} |")
+    lines += ["", (f"**Provenance**: revision `{config['model_sha']}`, dtype `{config['model_dtype']}`, "
+                   f"dataset `{config['dataset']}` ({config['split']}, "
+                   f"revision `{config.get('dataset_revision') or 'n/a'}`), vrp-eval {config['vrp_eval_version']}, "
+                   f"created {config.get('created_at', 'n/a')}, file `{obj['_file']}`.")]
+    if config.get("probe"):
+        lines.append("Probe settings: " + ", ".join(f"`{k}={v}`" for k, v in config["probe"].items()))
+    return "\n".join(lines)
+
+
+def _pictures(details: dict):
+    bins = [b for b in details.get("reliability_bins", []) if b.get("count") and b.get("mean_confidence") is not None]
+    reliability = pd.DataFrame(
+        [{"confidence": b["mean_confidence"], "accuracy": b["mean_score"], "series": "model"} for b in bins]
+        + [{"confidence": x, "accuracy": x, "series": "perfect calibration"} for x in (0.0, 1.0)],
+        columns=["confidence", "accuracy", "series"])
+    curves = pd.DataFrame(
+        [{"layer": layer, "ie": value, "group": group}
+         for group, curve in (details.get("ie_curves") or {}).items()
+         for layer, value in enumerate(curve) if value is not None],
+        columns=["layer", "ie", "group"])
+    windows = [e for e in details.get("knockout_curve") or [] if isinstance(e, dict) and len(e.get("window") or []) == 2]
+    width = len(str(max((e["window"][1] for e in windows), default=0)))
+    knockout = pd.DataFrame(
+        [{"window_start": entry["window"][0], "drop": entry.get("drop"), "window": _window_label(entry["window"], width)}
+         for entry in windows],
+        columns=["window_start", "drop", "window"])
+    return reliability, curves, knockout
+
+
+def _window_label(window: list[int], width: int) -> str:
+    # zero-padded so that the bar plot, which orders its categories as text, shows them in layer order
+    return f"{window[0]:0{width}d}-{window[1]:0{width}d}"
+
+
+def scatter_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    points = frame.dropna(subset=["ece", "causal_acc_drop"]).copy()
+    points["model"] = points["model"].str.replace(r"^\[([^\]]+)\]\(.*\)$", r"\1", regex=True)
+    return points[["model", "task", "model_family", "ece", "causal_acc_drop"]]
+
+
+def _scatter_limits(points: pd.DataFrame) -> dict:
+    """Axes from 0 to a little past the data, so no point sits on the frame."""
+    if points.empty:
+        return {}
+    high = float(points["ece"].max()) * 1.15 or 1.0
+    low, top = float(points["causal_acc_drop"].min()), float(points["causal_acc_drop"].max())
+    return {"x_lim": [0, high], "y_lim": [min(low * 1.15, -0.05), max(top, 0.0) + 0.05]}
+
+
+def _note(board: Leaderboard) -> str:
+    lines = [f"**{board.problem}**"] if board.problem else []
+    if board.skipped:
+        lines.append(f"**Skipped {len(board.skipped)} file(s) that are not valid vrp-eval results:**\n")
+        lines += [f"- **{path}**: {reason}" for path, reason in (line.split(": ", 1) for line in board.skipped)]
+    return "\n".join(lines)
+
+
+def build_demo(results_dir_or_repo: str | Path | None = None, *, cache_dir: str | Path | None = None) -> gr.Blocks:
+    """The leaderboard app for a local results folder or a Hub dataset repo id (default: from the environment)."""
+    source = results_dir_or_repo or os.environ.get("VRP_RESULTS_DIR") or os.environ.get("VRP_RESULTS_REPO")
+    board = load_leaderboard(source, cache_dir=cache_dir)
+    frame = results_frame(board)
+    tasks = sorted(frame["task"].unique())
+    families = sorted(frame["model_family"].unique())
+    sizes = [name for name, _ in SIZE_BUCKETS if name in set(frame["size"])] + \
+            ([UNKNOWN] if UNKNOWN in set(frame["size"]) else [])
+    entries = [_entry_key(obj, task) for obj in board.results for task in obj["results"]]
+    datatypes = ["markdown" if c == "model" else "number" if c in METRICS or c == "params_b" else "str"
+                 for c in COLUMNS]
+
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\nCalibration, attention-confidence coupling and causal circuits of "
+                    f"vision-language models, measured with vrp-eval. {len(board.results)} result file(s).")
+        note = _note(board)
+        gr.Markdown(note, visible=bool(note), elem_id="skipped-note")
+        with gr.Tabs():
+            with gr.Tab("Leaderboard"):
+                with gr.Row():
+                    task_filter = gr.CheckboxGroup(tasks, value=tasks, label="task")
+                    family_filter = gr.CheckboxGroup(families, value=families, label="model family")
+                    size_filter = gr.CheckboxGroup(sizes, value=sizes, label="size")
+                table = gr.Dataframe(frame, datatype=datatypes, show_search="filter", pinned_columns=1,
+                                     interactive=False, wrap=False, elem_id="leaderboard-table",
+                                     label="results (click a header to sort)")
+                filters = [task_filter, family_filter, size_filter]
+
+                def filtered(tasks, families, sizes) -> pd.DataFrame:
+                    return filter_frame(frame, tasks, families, sizes)
+
+                for box in filters:
+                    box.change(filtered, filters, table, api_name="filter" if box is task_filter else False)
+            with gr.Tab("Model detail"):
+                entry = gr.Dropdown(entries, value=entries[0] if entries else None, label="model · task · dtype · revision")
+                summary, reliability, curves, knockout = detail_views(board, entries[0] if entries else None)
+                summary_md = gr.Markdown(summary, elem_id="model-summary")
+                with gr.Row():
+                    reliability_plot = gr.LinePlot(reliability, x="confidence", y="accuracy", color="series",
+                                                   title="Reliability diagram", x_lim=[0, 1], y_lim=[0, 1],
+                                                   x_title="mean confidence", y_title="mean score")
+                    curves_plot = gr.LinePlot(curves, x="layer", y="ie", color="group",
+                                              title="Indirect effect of restoring each layer", y_title="IE")
+                knockout_plot = gr.BarPlot(knockout, x="window", y="drop", tooltip=["window", "drop"],
+                                           title="Circuit search: accuracy drop when image attention is knocked out",
+                                           x_title="knocked-out layers", y_title="accuracy drop")
+
+                def detail(key: str | None):
+                    return detail_views(board, key)
+
+                entry.change(detail, entry, [summary_md, reliability_plot, curves_plot, knockout_plot],
+                             api_name="detail")
+            with gr.Tab("ECE vs causal drop"):
+                points = scatter_frame(frame)
+                gr.ScatterPlot(points, x="ece", y="causal_acc_drop", color="model_family", **_scatter_limits(points),
+                               tooltip=["model", "task", "ece", "causal_acc_drop"],
+                               title="Calibration error against causal accuracy drop",
+                               x_title="ECE (lower is better)", y_title="causal accuracy drop")
+            with gr.Tab("About"):
+                gr.Markdown(ABOUT)
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.launch()

@@ -1,0 +1,510 @@
+"""lmms-eval glue: the `vrp` model backend and the functions behind the `vrp_*` tasks.
+
+    lmms-eval --model vrp --model_args pretrained=llava-hf/llava-1.5-7b-hf --tasks vrp_vqav2
+
+How a record reaches the metrics. lmms-eval hands a backend all requests at once and takes back one
+string per request; it has no side channel for per-sample extras. So `VRP.generate_until` builds an
+`Example` per request (the task's doc, its visual and the task's own prompt string), runs the very
+`run_probe` that `vrp-eval run` runs, once per task, and answers
+
+    <plain answer>\\n<vrp-record>{"record": {...}, "settings": {...}, ...}</vrp-record>
+
+The JSON never contains "<" (it is written as \\u003c), so the last "\\n<vrp-record>" always starts
+the payload, and the string survives `--use_cache` and `--log_samples` as it is. On the task side
+`process_results` splits the plain answer off, scores it with the upstream task's own function, and
+emits per metric a `VRPSample`; the aggregations rebuild the records in dataset order and call
+`probe.aggregate`, so lmms-eval and `vrp-eval run` report the same numbers from the same code.
+Run with any other backend, the tasks still report accuracy; the reliability metrics are NaN and
+one warning says to use `--model vrp`.
+
+Task discovery. lmms-eval imports this module through the `lmms_eval.models` entry point when
+`lmms_eval.models` is first imported, which its CLI does before it builds the TaskManager; importing
+it adds `tasks_dir()` to every TaskManager's include paths (after the built-in tasks, which win).
+`--include_path $(vrp-eval tasks-dir)` does the same explicitly (Python API, `lmms-eval tasks`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import threading
+import types
+import typing
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+
+def MANIFESTS():  # noqa: N802 (the entry point's name, see pyproject.toml)
+    """The `lmms_eval.models` entry point: model `vrp`.
+
+    A callable (lmms-eval's loader accepts one) defined before this module imports lmms-eval:
+    importing lmms-eval loads the entry points, which may re-enter this half-imported module."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id="vrp", simple_class_path="vrp_eval.lmms.VRP")]
+
+
+from lmms_eval.api.model import lmms  # noqa: E402
+
+from vrp_eval.data import Example  # noqa: E402
+
+PAYLOAD_OPEN = "\n<vrp-record>"
+PAYLOAD_CLOSE = "</vrp-record>"
+PAYLOAD_FORMAT = "vrp-eval/lmms-record"
+PAYLOAD_VERSION = 1
+
+#: What every `vrp_*` task reports beside `accuracy`, each aggregated over all samples by
+#: `probe.aggregate` (SPEC names, their CIs / p-values / Spearman). tasks/_vrp_template_yaml lists
+#: the same names; a test keeps the two in step.
+RELIABILITY_METRICS: tuple[str, ...] = (
+    "n_samples", "mean_confidence",
+    "ece", "ece_ci_low", "ece_ci_high", "mce", "ace", "brier",
+    *(f"{name}{suffix}" for name in ("attn_conf_r", "attn_acc_r", "attn_overconf_r")
+      for suffix in ("", "_ci_low", "_ci_high", "_p", "_rho")),
+    "mean_sharpness", "mean_image_attention_mass",
+    "causal_acc_drop", "causal_acc_drop_ci_low", "causal_acc_drop_ci_high",
+    "control_acc_drop", "control_acc_drop_ci_low", "control_acc_drop_ci_high",
+    "clean_accuracy", "corrupted_accuracy", "n_heldout",
+    "sharpness_heldout_clean", "sharpness_heldout_corrupted",
+    "circuit_layers", "control_layers", "integration_layer",
+)
+
+# Options of `run_probe` that the task decides, not the model arguments.
+_TASK_DECIDES = {"dataset": "--tasks", "split": "the task's test split", "limit": "--limit"}
+
+
+def tasks_dir() -> Path:
+    """The folder of the `vrp_*` lmms-eval task YAMLs (inside the installed package)."""
+    return Path(__file__).resolve().parent / "tasks"
+
+
+# --------------------------------------------------------------------------------------------
+# The payload: a record inside the response string
+# --------------------------------------------------------------------------------------------
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def encode_response(answer: str, payload: dict[str, Any]) -> str:
+    """`answer` followed by `payload` as JSON between the vrp-record markers."""
+    text = json.dumps(payload, default=_json_default, separators=(",", ":")).replace("<", "\\u003c")
+    return f"{answer}{PAYLOAD_OPEN}{text}{PAYLOAD_CLOSE}"
+
+
+def decode_response(text: str) -> tuple[str, dict[str, Any] | None]:
+    """(plain answer, payload or None) of a response; None for any backend other than `vrp`."""
+    body = text.rstrip()
+    start = body.rfind(PAYLOAD_OPEN.strip())
+    if start < 0 or not body.endswith(PAYLOAD_CLOSE):
+        return text, None
+    payload = json.loads(body[start + len(PAYLOAD_OPEN.strip()):-len(PAYLOAD_CLOSE)])
+    if not isinstance(payload, dict) or payload.get("format") != PAYLOAD_FORMAT:
+        return text, None
+    answer = body[:start]
+    # lmms-eval strips responses before process_results; the record holds the exact answer.
+    return payload["record"].get("answer", answer.rstrip("\n")), payload
+
+
+# --------------------------------------------------------------------------------------------
+# Model arguments -> ProbeSettings + load_model keywords
+# --------------------------------------------------------------------------------------------
+
+def _strip_quotes(value: Any) -> Any:
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` (as lmms-eval's argument parser left it) converted to the type `hint`."""
+    value = _strip_quotes(value)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, name)
+            except (TypeError, ValueError) as error:
+                errors.append(str(error))
+        raise ValueError("; ".join(errors))
+    if origin in (list, tuple, set, frozenset):
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            items = [part for part in text.replace(";", " ").replace("+", " ").replace(",", " ").split()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis] or [str]
+        converted = [_coerce(item, args[0] if len(args) == 1 or origin is not tuple else args[i], name)
+                     for i, item in enumerate(items)]
+        return origin(converted)
+    if hint is Any or hint is object:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} takes true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{name} takes an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        return float(value)
+    if hint is str:
+        return str(value)
+    if isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ValueError(f"{name}: cannot read {value!r} as {hint}")
+
+
+def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """Split lmms-eval's `--model_args` (plus batch_size, device ...) into
+    (model id, ProbeSettings, load_model keywords). Every ProbeSettings field is an option, under
+    its own name, converted to the field's type; anything else is an error that lists the options."""
+    import inspect
+
+    from vrp_eval.loading import load_model
+    from vrp_eval.probe import ProbeSettings
+    from vrp_eval.zoo import DEFAULT_MODEL
+
+    args = dict(args)
+    model_id = str(_strip_quotes(args.pop("pretrained", DEFAULT_MODEL)))
+    args.pop("max_batch_size", None)  # lmms-eval passes it to every backend
+    if str(args.get("batch_size", "")).startswith("auto"):
+        args.pop("batch_size")  # no automatic batch size: ProbeSettings' default
+    load_params = {name for name, p in inspect.signature(load_model).parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    load_kwargs = {name: _strip_quotes(args.pop(name)) for name in list(args)
+                   if name in load_params and args[name] is not None}
+    hints = typing.get_type_hints(ProbeSettings)
+    probe_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
+    settings_kwargs: dict[str, Any] = {}
+    for name in list(args):
+        value = args.pop(name)
+        if name in _TASK_DECIDES:
+            raise ValueError(f"model argument {name!r} is set by lmms-eval ({_TASK_DECIDES[name]}), not by --model_args")
+        if name not in probe_fields:
+            raise ValueError(
+                f"unknown model argument {name!r} for --model vrp; use pretrained=<Hub id | local folder | zoo "
+                f"name>, loading options ({', '.join(sorted(load_params))}) or probe options "
+                f"({', '.join(sorted(probe_fields - set(_TASK_DECIDES)))})"
+            )
+        if value is None:
+            continue
+        try:
+            settings_kwargs[name] = _coerce(value, hints[name], name)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model argument {name}={value!r}: {error}") from None
+    return model_id, ProbeSettings(**settings_kwargs), load_kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ContextExample(Example):
+    """An `Example` whose prompt text is lmms-eval's context string (the task's own prompt)."""
+
+    context: str = ""
+
+    def prompt_text(self, post_prompt: str) -> str:
+        return self.context
+
+
+def _context_example(example: Example, context: str) -> ContextExample:
+    values = {f.name: getattr(example, f.name) for f in dataclasses.fields(example)}
+    return ContextExample(**values, context=context)
+
+
+def _gather_records(records: list[Any]) -> list[Any]:
+    """`run_probe`'s `reduce` under several processes: every process's records, in rank order."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(records))
+    return [record for part in gathered for record in part]
+
+
+def _engine_state(report) -> dict[str, Any]:
+    """The run-wide choices `aggregate` needs beside the records (the knockout windows, the circuit
+    and its control window), as JSON; read from the report's metrics and details."""
+    curve = report.details.get("knockout_curve") or []
+    return {"windows": [list(point["window"]) for point in curve],
+            "circuit": report.metrics.get("circuit_layers"), "control": report.metrics.get("control_layers")}
+
+
+class VRP(lmms):
+    """lmms-eval model `vrp`: vrp-eval's loader and probe engine behind lmms-eval's CLI.
+
+    `--model_args pretrained=<Hub id | local folder | zoo name>,<option>=<value>,...` where the
+    options are `load_model`'s (dtype, device_map, revision, trust_remote_code, attn_implementation,
+    device) and `ProbeSettings`' fields (the probe options of `vrp-eval run`; lists as `a;b;c` or
+    `[a,b,c]`). `max_new_tokens` defaults to the task's generation_kwargs.
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        from accelerate import Accelerator
+
+        from vrp_eval.loading import load_model
+
+        if pretrained is not None:
+            kwargs["pretrained"] = pretrained
+        self._explicit = set(kwargs)
+        model_id, self.settings, load_kwargs = parse_model_args(kwargs)
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1 and not (load_kwargs.get("device") or load_kwargs.get("device_map")):
+            load_kwargs["device"] = str(accelerator.device)  # one device per process
+        self.loaded = load_model(model_id, **load_kwargs)
+        self.accelerator = accelerator
+        self._rank = accelerator.process_index
+        self._world_size = accelerator.num_processes
+        self._device = self.loaded.device
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    def _settings_for(self, task: str, split: str, gen_kwargs: dict[str, Any]):
+        changes: dict[str, Any] = {"dataset": task, "split": split}
+        if "max_new_tokens" not in self._explicit and gen_kwargs.get("max_new_tokens"):
+            changes["max_new_tokens"] = int(gen_kwargs["max_new_tokens"])
+        return dataclasses.replace(self.settings, **changes)
+
+    def _payload(self, task: str, doc_id: int, record, settings, state: dict[str, Any]) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id,
+            "model": {"model_name": loaded.model_name, "model_sha": loaded.model_sha,
+                      "model_dtype": loaded.dtype, "model_family": loaded.family},
+            "settings": settings.to_dict(),
+            "state": state,
+            "record": dataclasses.asdict(record),
+        }
+
+    def generate_until(self, requests) -> list[str]:
+        """Probe every request (one `run_probe` per task, in dataset order) and answer with the plain
+        answer followed by the record (see the module docstring)."""
+        from vrp_eval.data import to_example
+        from vrp_eval.probe import run_probe
+
+        by_task: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for position, request in enumerate(requests):
+            _, _, _, doc_id, task, split = request.args
+            # Rank padding repeats a request: probe each document once.
+            by_task[(task, split)][int(doc_id)].append(position)
+        responses: list[str | None] = [None] * len(requests)
+        for (task, split), positions_of in by_task.items():
+            examples = []
+            for doc_id in sorted(positions_of):
+                context, gen_kwargs, doc_to_visual, _, _, _ = requests[positions_of[doc_id][0]].args
+                doc = self.task_dict[task][split][doc_id]
+                visuals = [v for v in (doc_to_visual(doc) or []) if v is not None]
+                row = {**doc, "image": visuals[0] if visuals else None}
+                examples.append(_context_example(to_example(row, doc_id), context))
+            settings = self._settings_for(task, split, gen_kwargs)
+            reduce = _gather_records if self._world_size > 1 else None
+            report = run_probe(self.loaded, settings, examples=examples, progress=self.rank == 0, reduce=reduce)
+            state = _engine_state(report)
+            records = iter(report.records)
+            skipped = list(report.skipped)
+            for doc_id, example in zip(sorted(positions_of), examples):
+                if example.question_id in skipped:
+                    skipped.remove(example.question_id)
+                    text = ""  # no record: the aggregation counts it as skipped
+                else:
+                    record = next(records)
+                    text = encode_response(record.answer, self._payload(task, doc_id, record, settings, state))
+                for position in positions_of[doc_id]:
+                    responses[position] = text
+        return responses  # type: ignore[return-value]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError(
+            "the vrp backend answers generate_until tasks (the vrp_* tasks); loglikelihood tasks "
+            "carry no answer whose confidence and internals it could probe"
+        )
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("the vrp backend probes single-turn generate_until tasks only")
+
+
+# --------------------------------------------------------------------------------------------
+# Task side: process_results and the aggregations
+# --------------------------------------------------------------------------------------------
+
+class VRPSample:
+    """One sample's per-metric value: the task's score and, under `--model vrp`, the record.
+
+    lmms-eval logs per-sample metric values with `str()`, so the record (already in the response)
+    is not written again for every metric."""
+
+    __slots__ = ("doc_id", "task_score", "payload", "key")
+
+    def __init__(self, doc_id: Any, task_score: float, payload: dict[str, Any] | None):
+        self.doc_id = doc_id
+        self.task_score = task_score
+        self.payload = payload
+        text = json.dumps(payload, sort_keys=True, default=_json_default) if payload is not None else ""
+        self.key = hashlib.sha1(f"{doc_id}\x00{task_score}\x00{text}".encode()).hexdigest()
+
+    def __str__(self) -> str:
+        return "vrp-record" if self.payload is not None else "no-vrp-record"
+
+    __repr__ = __str__
+
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def process_results(doc: dict[str, Any], results: list[str], *, score: Callable[[dict, list[str]], dict],
+                    score_key: str, extra_metrics: Iterable[str] = ()) -> dict[str, Any]:
+    """Score the plain answer with the upstream task's `score(doc, [answer])`: `accuracy` is its
+    `score_key`, `extra_metrics` pass through unchanged, and each reliability metric gets the
+    sample's `VRPSample`."""
+    answer, payload = decode_response(results[0])
+    upstream = score(doc, [answer])
+    task_score = float(upstream[score_key])
+    doc_id = payload["doc_id"] if payload else None
+    sample = VRPSample(doc_id, task_score, payload)
+    return {"accuracy": task_score, **{name: sample for name in RELIABILITY_METRICS},
+            **{name: upstream[name] for name in extra_metrics}}
+
+
+_lock = threading.Lock()
+_summaries: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    from loguru import logger
+
+    with _lock:
+        if kind in _warned:
+            return
+        _warned.add(kind)
+    logger.warning(message)
+
+
+def summarise(samples: list[VRPSample]) -> dict[str, Any]:
+    """The aggregate metrics of one task's samples (computed once, shared by every metric)."""
+    key = tuple(sample.key for sample in samples)
+    with _lock:
+        if key in _summaries:
+            return _summaries[key]
+    summary = _summarise(samples)
+    with _lock:
+        _summaries[key] = summary
+        while len(_summaries) > 16:
+            _summaries.popitem(last=False)
+    return summary
+
+
+def records_from_payloads(payloads: list[dict[str, Any]]):
+    """(records in dataset order, ProbeSettings, EngineState) of one task's payloads, ready for
+    `probe.aggregate`. Fields that this vrp-eval does not know are dropped (newer payloads)."""
+    from vrp_eval.probe import EngineState, ProbeSettings, SampleRecord
+
+    payloads = sorted(payloads, key=lambda p: p["doc_id"])
+    record_fields = {f.name for f in dataclasses.fields(SampleRecord)}
+    settings_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
+    records = [SampleRecord(**{k: v for k, v in p["record"].items() if k in record_fields}) for p in payloads]
+    settings = ProbeSettings(**{k: v for k, v in payloads[0]["settings"].items() if k in settings_fields})
+    saved = payloads[0].get("state") or {}
+    state = EngineState(windows=[tuple(w) for w in saved.get("windows") or []],
+                        circuit=tuple(saved["circuit"]) if saved.get("circuit") else None,
+                        control=tuple(saved["control"]) if saved.get("control") else None)
+    return records, settings, state
+
+
+def _summarise(samples: list[VRPSample]) -> dict[str, Any]:
+    from vrp_eval.probe import aggregate
+
+    probed = [s for s in samples if s.payload is not None]
+    if not probed:
+        _warn_once("backend", (
+            "vrp-eval: the responses carry no vrp-eval record, so the reliability metrics of the vrp_* "
+            "tasks (ece, attn_conf_r, causal_acc_drop, ...) are NaN; accuracy is unaffected. Run with "
+            "`--model vrp --model_args pretrained=<Hub id | local folder | zoo name>` to compute them."
+        ))
+        return {"n_samples": len(samples)}
+    metrics, _ = aggregate(*records_from_payloads([s.payload for s in probed]))
+    if len(probed) < len(samples):
+        metrics["n_skipped"] = len(samples) - len(probed)
+    task = probed[0].payload.get("task")
+    disagree = sum(abs(s.task_score - float(s.payload["record"].get("score", s.task_score))) > 1e-9 for s in probed)
+    if disagree:
+        _warn_once(f"scorer-{task}", (
+            f"vrp-eval: on {task}, vrp-eval's scorer and the task's own metric disagree on {disagree} of "
+            f"{len(probed)} samples; `accuracy` is the task's metric, the reliability metrics use "
+            "vrp-eval's per-sample scores (as `vrp-eval run` does)."
+        ))
+    return metrics
+
+
+def reliability_aggregation(name: str) -> Callable[[list[VRPSample]], Any]:
+    """The lmms-eval aggregation of metric `name`: its value in `summarise(samples)`, NaN if absent."""
+
+    def aggregation(samples: list[VRPSample]) -> Any:
+        return summarise(samples).get(name, math.nan)
+
+    aggregation.__name__ = aggregation.__qualname__ = f"vrp_{name}"
+    return aggregation
+
+
+# --------------------------------------------------------------------------------------------
+# Task discovery without --include_path
+# --------------------------------------------------------------------------------------------
+
+def _register_tasks_dir() -> None:
+    """Make every lmms-eval TaskManager index `tasks_dir()` after the built-in tasks."""
+    try:
+        from lmms_eval.tasks import TaskManager
+    except Exception:  # an lmms-eval without this layout: --include_path still works
+        return
+    original = TaskManager.initialize_tasks
+    if getattr(original, "_vrp_eval", False):
+        return
+    ours = os.path.realpath(tasks_dir())
+
+    @functools.wraps(original)
+    def initialize_tasks(self, include_path=None, include_defaults=True):
+        paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+        if not any(os.path.realpath(str(p)) == ours for p in paths):
+            paths.append(ours)
+        return original(self, include_path=paths, include_defaults=include_defaults)
+
+    initialize_tasks._vrp_eval = True  # type: ignore[attr-defined]
+    TaskManager.initialize_tasks = initialize_tasks
+
+
+_register_tasks_dir()

@@ -1,0 +1,83 @@
+"""The functions behind the vrp_* task YAMLs.
+
+Prompts, visuals and answer scoring are the upstream lmms-eval tasks' own (imported, not copied);
+`vrp_eval.lmms.process_results` hands them the plain answer (the part of a `--model vrp` response
+before its record) and adds one value per reliability metric; the aggregations below all read one
+`probe.aggregate` over the task's samples (see vrp_eval/lmms.py).
+"""
+from functools import partial
+
+from lmms_eval.tasks.ok_vqa.utils import ok_vqa_process_results as _ok_vqa_score
+from lmms_eval.tasks.pope.utils import pope_process_results as _pope_score
+from lmms_eval.tasks.scienceqa.utils import sqa_process_results
+from lmms_eval.tasks.vqav2.utils import vqav2_process_results as _vqav2_score
+
+from vrp_eval import lmms
+
+
+def _vqav2_accuracy(doc, results):
+    # The upstream scorer normalises doc["answers"] in place and tells the 10 human answers apart by
+    # their answer_id: score a copy, numbered when a local file has no ids.
+    answers = [{**answer, "answer_id": answer.get("answer_id", i)} for i, answer in enumerate(doc["answers"])]
+    return _vqav2_score({**doc, "answers": answers}, results)
+
+
+def _ok_vqa_accuracy(doc, results):
+    return _ok_vqa_score({**doc, "answers": list(doc["answers"])}, results)  # scored in place upstream
+
+
+def _pope_accuracy(doc, results):
+    scored = _pope_score(doc, results)
+    return {"score": scored["pope_accuracy"]["score"], **scored}
+
+
+POPE_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")
+
+
+vqav2_process_results = partial(lmms.process_results, score=_vqav2_accuracy, score_key="exact_match")
+ok_vqa_process_results = partial(lmms.process_results, score=_ok_vqa_accuracy, score_key="exact_match")
+scienceqa_process_results = partial(lmms.process_results, score=sqa_process_results, score_key="exact_match")
+pope_process_results = partial(lmms.process_results, score=_pope_accuracy, score_key="score",
+                               extra_metrics=POPE_METRICS)
+
+
+# One aggregation per reliability metric (names as in lmms.RELIABILITY_METRICS).
+n_samples = lmms.reliability_aggregation("n_samples")
+mean_confidence = lmms.reliability_aggregation("mean_confidence")
+ece = lmms.reliability_aggregation("ece")
+ece_ci_low = lmms.reliability_aggregation("ece_ci_low")
+ece_ci_high = lmms.reliability_aggregation("ece_ci_high")
+mce = lmms.reliability_aggregation("mce")
+ace = lmms.reliability_aggregation("ace")
+brier = lmms.reliability_aggregation("brier")
+attn_conf_r = lmms.reliability_aggregation("attn_conf_r")
+attn_conf_r_ci_low = lmms.reliability_aggregation("attn_conf_r_ci_low")
+attn_conf_r_ci_high = lmms.reliability_aggregation("attn_conf_r_ci_high")
+attn_conf_r_p = lmms.reliability_aggregation("attn_conf_r_p")
+attn_conf_r_rho = lmms.reliability_aggregation("attn_conf_r_rho")
+attn_acc_r = lmms.reliability_aggregation("attn_acc_r")
+attn_acc_r_ci_low = lmms.reliability_aggregation("attn_acc_r_ci_low")
+attn_acc_r_ci_high = lmms.reliability_aggregation("attn_acc_r_ci_high")
+attn_acc_r_p = lmms.reliability_aggregation("attn_acc_r_p")
+attn_acc_r_rho = lmms.reliability_aggregation("attn_acc_r_rho")
+attn_overconf_r = lmms.reliability_aggregation("attn_overconf_r")
+attn_overconf_r_ci_low = lmms.reliability_aggregation("attn_overconf_r_ci_low")
+attn_overconf_r_ci_high = lmms.reliability_aggregation("attn_overconf_r_ci_high")
+attn_overconf_r_p = lmms.reliability_aggregation("attn_overconf_r_p")
+attn_overconf_r_rho = lmms.reliability_aggregation("attn_overconf_r_rho")
+mean_sharpness = lmms.reliability_aggregation("mean_sharpness")
+mean_image_attention_mass = lmms.reliability_aggregation("mean_image_attention_mass")
+causal_acc_drop = lmms.reliability_aggregation("causal_acc_drop")
+causal_acc_drop_ci_low = lmms.reliability_aggregation("causal_acc_drop_ci_low")
+causal_acc_drop_ci_high = lmms.reliability_aggregation("causal_acc_drop_ci_high")
+control_acc_drop = lmms.reliability_aggregation("control_acc_drop")
+control_acc_drop_ci_low = lmms.reliability_aggregation("control_acc_drop_ci_low")
+control_acc_drop_ci_high = lmms.reliability_aggregation("control_acc_drop_ci_high")
+clean_accuracy = lmms.reliability_aggregation("clean_accuracy")
+corrupted_accuracy = lmms.reliability_aggregation("corrupted_accuracy")
+n_heldout = lmms.reliability_aggregation("n_heldout")
+sharpness_heldout_clean = lmms.reliability_aggregation("sharpness_heldout_clean")
+sharpness_heldout_corrupted = lmms.reliability_aggregation("sharpness_heldout_corrupted")
+circuit_layers = lmms.reliability_aggregation("circuit_layers")
+control_layers = lmms.reliability_aggregation("control_layers")
+integration_layer = lmms.reliability_aggregation("integration_layer")

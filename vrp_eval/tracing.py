@@ -1,0 +1,501 @@
+"""Causal tracing (clean / corrupted / restored), the knockout circuit and the circuit-corrupted runs
+(SPEC section 2).
+
+Per sample, `trace_batch` measures
+    p_clean      probability of the clean greedy answer's first token at the last prompt position;
+    p_corrupted  the same with the image-token embeddings entering the language model corrupted
+                 (mean over K noise samples);
+    ie[G][l]     p_restored(l, G) - p_corrupted, where the restored run is the corrupted run with decoder
+                 layer l's output at the positions of group G (image / text / last) set to its clean
+                 value (mean over the K noise samples).
+
+The restoration sweep reuses everything a restoration cannot change. One clean forward records each
+decoder layer's call (its keyword arguments: attention mask, rotary embeddings, ...) and output; the
+corrupted run replays the decoder layers from the corrupted embeddings, recording each layer's output
+and keys/values. Restoring layer l leaves layers 0..l untouched, so the restored run only replays
+layers l+1..L-1, and restorations are batched as a staircase: the rows of every traced layer of a
+group ride in one batch, and the row restored at layer l joins when the replay reaches layer l+1.
+In a causal decoder the positions before the first restored position are also unchanged, and so are
+the positions before the first image token (the corruption has not reached them, so restoring them
+is a no-op): the replay starts at the first group position after the image and the skipped positions'
+keys/values come from the corrupted run (`last` and `text` replay only the prompt's tail).
+PaliGemma's prefix attends bidirectionally (`adapter.bidirectional_prefix`), so there every replay
+covers all positions. Only the last position goes through the final norm and the LM head. The
+replay calls the model's own decoder-layer modules, so nothing of a family's forward is rewritten.
+`TraceResult.cost` counts the work in full forward-pass equivalents per sample.
+
+Circuit (the largest-IE window is ill-posed: restoration IE is flat before information leaves a group
+and after it arrives, SPEC 2): `knockout_answers` blocks attention from every non-image query to the
+image keys inside a window of layers and answers again; `choose_circuit` takes the window with the
+largest accuracy drop on the discovery half; `corrupted_answers` corrupts the image-position hidden
+states read by the window's layers and answers again (held-out half: the circuit and the
+`control_window`). `integration_layer` is the crossover of the mean IE curves.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vrp_eval.generation import AnswerOutput, generate_answers
+from vrp_eval.hooks import AttentionHook, attention_hooks
+from vrp_eval.intervention import (  # noqa: F401  (estimate_sigma is part of this module's API)
+    AttentionKnockout,
+    EmbeddingCorruption,
+    HiddenStateIntervention,
+    NoiseScale,
+    check_kind,
+    estimate_sigma,
+    model_inputs_on_device,
+)
+
+TRACE_GROUPS = ("image", "text", "last")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+@dataclass
+class TraceSettings:
+    """How to trace. layers: decoder layers to restore (None = all; the others get NaN IE)."""
+
+    layers: Sequence[int] | None = None
+    groups: tuple[str, ...] = TRACE_GROUPS
+    kind: str = "gaussian"
+    scale: float = 3.0
+    n_noise: int = 5
+    seed: int = 0
+    window: int | None = None  # knockout window width; None: ceil(L / 4)
+    # Restored rows per replay batch. None: 16 on the CPU, where small batches stay in cache (64 rows
+    # were 1.6x slower on the 24-layer benchmark model), 256 on an accelerator.
+    max_rows: int | None = None
+
+    def window_width(self, num_layers: int) -> int:
+        return self.window or math.ceil(num_layers / 4)
+
+    def noise_samples(self) -> int:
+        """K: deterministic kinds (mean, zero) need one sample."""
+        return max(1, int(self.n_noise)) if self.kind == "gaussian" else 1
+
+
+@dataclass
+class TraceCost:
+    """Work per sample, in full forward-pass equivalents of the language model's decoder layers
+    (a layer evaluated on a fraction f of the positions counts f / L)."""
+
+    forward_passes: float
+    naive_forward_passes: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"forward_passes": self.forward_passes, "naive_forward_passes": self.naive_forward_passes}
+
+
+@dataclass
+class TraceResult:
+    target_id: int
+    p_clean: float
+    p_corrupted: float
+    ie: dict[str, list[float]]
+    p_corrupted_samples: list[float] = field(default_factory=list)
+    cost: TraceCost | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_id": self.target_id, "p_clean": self.p_clean, "p_corrupted": self.p_corrupted,
+                "ie": self.ie, "p_corrupted_samples": self.p_corrupted_samples,
+                "cost": self.cost.to_dict() if self.cost else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Capturing and replaying decoder layers
+# --------------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+class _ReplayCache:
+    """Stands in for a transformers Cache inside one decoder-layer call: prepends the keys/values of
+    the skipped prefix positions and/or records the call's keys/values."""
+
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, record: dict | None = None):
+        self.prefix = prefix
+        self.record = record
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.record is not None:
+            self.record[layer_idx] = (key_states, value_states)
+        if self.prefix is None:
+            return key_states, value_states
+        prefix_k, prefix_v = self.prefix
+        return torch.cat([prefix_k, key_states], dim=-2), torch.cat([prefix_v, value_states], dim=-2)
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _repeat(x: torch.Tensor, dim: int, blocks: int) -> torch.Tensor:
+    if blocks == 1:
+        return x
+    reps = [1] * x.ndim
+    reps[dim] = blocks
+    return x.repeat(*reps)
+
+
+class _Replay:
+    """Re-runs single decoder layers with the keyword arguments recorded in the clean run, on
+    `blocks` stacked copies of the batch and on the positions t0..T-1 only."""
+
+    def __init__(self, adapter, calls: list[tuple[tuple, dict]], batch: int, length: int):
+        self.adapter = adapter
+        self.layers = adapter.decoder_layers
+        self.calls = calls
+        self.batch, self.length = batch, length
+        self.cache_key = next((k for k in _CACHE_KWARGS if k in calls[0][1]), None)
+        self.causal = not adapter.bidirectional_prefix
+        known = {"attention_mask", "position_embeddings", "position_ids", "cache_position", *_CACHE_KWARGS}
+        unknown = [k for args, kw in calls for k, v in kw.items() if torch.is_tensor(v) and k not in known]
+        # Skipping a prefix needs the keys/values of the skipped positions and knowing how to slice
+        # every positional argument.
+        self.can_skip_prefix = self.causal and self.cache_key is not None and not unknown and not any(
+            args for args, _ in calls)
+        self.layer_evaluations = 0.0  # per sample, in full-length layer evaluations
+
+    def _batch_dim(self, x: torch.Tensor) -> int | None:
+        dim = 1 if x.ndim == 3 and x.shape[0] in (3, 4) and x.dtype == torch.long else 0
+        return dim if x.shape[dim] == self.batch else None
+
+    def _expand(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+        dim = self._batch_dim(x)
+        return x if dim is None else _repeat(x, dim, blocks)
+
+    def kwargs(self, layer: int, blocks: int, t0: int, device: torch.device) -> dict[str, Any]:
+        kwargs = dict(self.calls[layer][1])
+        for name, value in kwargs.items():
+            if name == "attention_mask":
+                if value is None:
+                    if t0 > 0:  # SDPA's implicit causal mask would align a shorter query block wrongly
+                        queries = torch.arange(t0, self.length, device=device)[:, None]
+                        kwargs[name] = (torch.arange(self.length, device=device)[None, :] <= queries)[None, None]
+                    continue
+                kwargs[name] = self._expand(value[:, :, t0:], blocks)
+            elif name == "position_embeddings" and value is not None:
+                kwargs[name] = tuple(self._expand(v[..., t0:, :], blocks) for v in value)
+            elif name in ("position_ids", "cache_position") and torch.is_tensor(value):
+                kwargs[name] = self._expand(value[..., t0:], blocks)
+            elif torch.is_tensor(value):
+                kwargs[name] = self._expand(value, blocks)
+        return kwargs
+
+    def run(self, layer: int, hidden: torch.Tensor, t0: int = 0,
+            prefix: tuple[torch.Tensor, torch.Tensor] | None = None, record: dict | None = None) -> torch.Tensor:
+        blocks = hidden.shape[0] // self.batch
+        kwargs = self.kwargs(layer, blocks, t0, hidden.device)
+        if self.cache_key is not None:
+            kwargs[self.cache_key] = _ReplayCache(prefix, record)
+        self.layer_evaluations += blocks * (self.length - t0) / self.length
+        return _hidden_of(self.layers[layer](hidden, **kwargs))
+
+
+def _head_probs(loaded, hidden_last: torch.Tensor) -> torch.Tensor:
+    """Next-token probabilities (N, V) from final-layer states (N, D) at the last position."""
+    from vrp_eval.attention import _final_norm
+
+    adapter = loaded.adapter
+    logits = loaded.model.get_output_embeddings()(_final_norm(adapter)(hidden_last)).float()
+    softcap = getattr(adapter.text_config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.softmax(-1)
+
+
+def _first_position(mask: torch.Tensor) -> int | None:
+    """The first column any row of `mask` (B, T) marks; None when it marks nothing."""
+    columns = mask.any(0).nonzero()
+    return int(columns[0]) if len(columns) else None
+
+
+@torch.no_grad()
+def _clean_capture(loaded, inputs: dict[str, Any]):
+    adapter = loaded.adapter
+    lm_call: dict[str, Any] = {}
+    calls: list[Any] = [None] * adapter.num_layers
+    outputs: list[Any] = [None] * adapter.num_layers
+
+    def lm_hook(module, args, kwargs):
+        lm_call.setdefault("call", (args, dict(kwargs)))
+
+    def pre_hook(index):
+        def hook(module, args, kwargs):
+            calls[index] = (tuple(args[1:]), dict(kwargs))
+        return hook
+
+    def out_hook(index):
+        def hook(module, args, output):
+            outputs[index] = _hidden_of(output)
+        return hook
+
+    handles = [adapter.language_model.register_forward_pre_hook(lm_hook, with_kwargs=True)]
+    try:
+        for i, layer in enumerate(adapter.decoder_layers):
+            handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(out_hook(i)))
+        loaded.model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "call" not in lm_call or any(c is None for c in calls):
+        raise RuntimeError("the clean forward pass did not run every decoder layer of "
+                           f"{type(adapter.language_model).__name__}: cannot trace this model")
+    return lm_call["call"], calls, outputs
+
+
+@torch.no_grad()
+def _corrupted_layer0_input(adapter, lm_call, corruption: EmbeddingCorruption) -> torch.Tensor:
+    """What decoder layer 0 reads when the language model gets the corrupted embeddings (the
+    language model's own preprocessing, such as Gemma's embedding scale, applies)."""
+    def stop(module, args, kwargs):
+        raise _Stop(args[0] if args else kwargs["hidden_states"])
+
+    handle = adapter.decoder_layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with corruption:
+            adapter.language_model(*lm_call[0], **lm_call[1])
+    except _Stop as stopped:
+        return stopped.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError("the language model never reached its first decoder layer")
+
+
+def _check_groups(groups: Sequence[str]) -> None:
+    bad = [g for g in groups if g not in TRACE_GROUPS + ("all",)]
+    if bad:
+        raise ValueError(f"unknown position groups {bad}; choose from image, text, last, all")
+
+
+# --------------------------------------------------------------------------------------------------
+# Causal tracing
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSettings | None = None,
+                sigma: NoiseScale | None = None) -> list[TraceResult]:
+    """Clean, corrupted and restored runs of an encoded batch; one `TraceResult` per sample.
+
+    target_ids: per sample, the token whose probability is traced (the clean greedy answer's first
+    token). sigma: from `estimate_sigma` (needed for `gaussian`; its `embedding["image"]` scales the
+    embedding noise)."""
+    settings = settings or TraceSettings()
+    adapter = loaded.adapter
+    num_layers = adapter.num_layers
+    _check_groups(settings.groups)
+    check_kind(settings.kind, settings.scale, sigma)
+    n_rows = batch["input_ids"].shape[0]
+    if len(target_ids) != n_rows:
+        raise ValueError(f"{len(target_ids)} target ids for a batch of {n_rows} samples")
+    traced = sorted({int(l) for l in (settings.layers if settings.layers is not None else range(num_layers))})
+    bad = [l for l in traced if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has decoder layers 0..{num_layers - 1}")
+
+    device = loaded.device
+    inputs = model_inputs_on_device(loaded, batch)
+    masks = {g: m.to(device) for g, m in adapter.position_groups(batch["input_ids"], batch["attention_mask"]).items()}
+    length = masks["all"].shape[1]
+    rows = torch.arange(n_rows, device=device)
+    last = masks["last"].int().argmax(1)
+    targets = torch.as_tensor([int(t) for t in target_ids], device=device)
+
+    lm_call, calls, clean_out = _clean_capture(loaded, inputs)
+    replay = _Replay(adapter, calls, n_rows, length)
+    p_clean = _head_probs(loaded, clean_out[-1][rows, last])[rows, targets]
+
+    # Where each group's restored replay starts. In a causal decoder a position before a row's first
+    # image token never sees the corruption (its clean and corrupted states are equal), so restoring
+    # it changes nothing: the replay starts at the first group position at or after the image.
+    # None: nothing to restore, IE = 0.
+    columns = torch.arange(length, device=device)
+    if replay.can_skip_prefix:
+        image_start = torch.where(masks["image"], columns, length).amin(1, keepdim=True)
+        effective = {g: masks[g] & (columns >= image_start) for g in settings.groups}
+        start = {g: _first_position(effective[g]) for g in settings.groups}
+    else:
+        start = {g: 0 if masks[g].any() else None for g in settings.groups}
+    need_kv = any(t not in (None, 0) for t in start.values())
+
+    max_rows = settings.max_rows or (16 if device.type == "cpu" else 256)
+    embed_sigma = sigma.embedding["image"] if sigma is not None else None
+    n_noise = settings.noise_samples()
+    p_corrupted = torch.zeros(n_noise, n_rows, device=device)
+    p_restored = {g: torch.full((n_noise, num_layers, n_rows), float("nan"), device=device) for g in settings.groups}
+    for k in range(n_noise):
+        corruption = EmbeddingCorruption(adapter, masks["image"], settings.kind, settings.scale, embed_sigma,
+                                         seed=settings.seed, noise_index=k)
+        hidden = _corrupted_layer0_input(adapter, lm_call, corruption)
+        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if need_kv else None
+        corrupted_out = []
+        for layer in range(num_layers):
+            hidden = replay.run(layer, hidden, record=kv)
+            corrupted_out.append(hidden)
+        p_corrupted[k] = _head_probs(loaded, hidden[rows, last])[rows, targets]
+        for group in settings.groups:
+            t0 = start[group]
+            if t0 is None:
+                p_restored[group][k, traced] = p_corrupted[k]
+                continue
+            _restore_staircase(loaded, replay, group_mask=masks[group], traced=traced, t0=t0, clean_out=clean_out,
+                               corrupted_out=corrupted_out, kv=kv, last=last, targets=targets,
+                               max_rows=max_rows, into=p_restored[group][k])
+
+    ie = {g: (p_restored[g] - p_corrupted[:, None, :]).mean(0) for g in settings.groups}  # (L, B)
+    # 1 clean forward + per noise sample the corrupted replay (L layers) + the restorations.
+    passes = 1 + replay.layer_evaluations / num_layers
+    naive = 1 + n_noise * (1 + len(settings.groups) * len(traced))
+    cost = TraceCost(forward_passes=float(passes), naive_forward_passes=naive)
+    results = []
+    for row in range(n_rows):
+        results.append(TraceResult(
+            target_id=int(targets[row]), p_clean=float(p_clean[row]),
+            p_corrupted=float(p_corrupted[:, row].mean()),
+            ie={g: [float(v) for v in ie[g][:, row]] for g in settings.groups},
+            p_corrupted_samples=[float(v) for v in p_corrupted[:, row]], cost=cost,
+        ))
+    return results
+
+
+def _restore_staircase(loaded, replay: _Replay, *, group_mask, traced, t0, clean_out, corrupted_out, kv, last,
+                       targets, max_rows, into) -> None:
+    """p_restored of every traced layer for one group; writes into[layer, row]."""
+    num_layers = len(clean_out)
+    n_rows = group_mask.shape[0]
+    where = group_mask[:, t0:, None]
+    last_local = last - t0
+    per_chunk = max(1, max_rows // n_rows)
+    for begin in range(0, len(traced), per_chunk):
+        chunk = traced[begin:begin + per_chunk]
+        joined: list[int] = []
+        state: torch.Tensor | None = None
+        for layer in range(chunk[0], num_layers):
+            if layer in chunk:
+                patched = torch.where(where, clean_out[layer][:, t0:], corrupted_out[layer][:, t0:])
+                state = patched if state is None else torch.cat([state, patched])
+                joined.append(layer)
+            if layer + 1 < num_layers:
+                prefix = None
+                if t0 > 0:
+                    key, value = kv[layer + 1]
+                    prefix = (_repeat(key[:, :, :t0], 0, len(joined)), _repeat(value[:, :, :t0], 0, len(joined)))
+                state = replay.run(layer + 1, state, t0=t0, prefix=prefix)
+        blocks = len(joined)
+        index = torch.arange(blocks * n_rows, device=state.device)
+        final = state[index, last_local.repeat(blocks)]
+        probs = _head_probs(loaded, final)[index, targets.repeat(blocks)].view(blocks, n_rows)
+        into[joined] = probs
+
+
+# --------------------------------------------------------------------------------------------------
+# Knockout circuit, circuit-corrupted runs, integration layer
+# --------------------------------------------------------------------------------------------------
+def knockout_windows(num_layers: int, width: int) -> list[tuple[int, int]]:
+    """Every window of `width` consecutive decoder layers, as (first, last) inclusive."""
+    if not 1 <= width <= num_layers:
+        raise ValueError(f"window width {width} is outside 1..{num_layers} (the model's decoder layers)")
+    return [(first, first + width - 1) for first in range(num_layers - width + 1)]
+
+
+def _check_window(window: Sequence[int], num_layers: int) -> tuple[int, int]:
+    if window is None or len(window) != 2:
+        raise ValueError(f"a window is (first, last) inclusive, got {window!r}")
+    first, last = int(window[0]), int(window[1])
+    if not 0 <= first <= last < num_layers:
+        raise ValueError(f"window {window} is outside the decoder layers 0..{num_layers - 1}")
+    return first, last
+
+
+def _generate(loaded, batch, hooks: Sequence[AttentionHook], max_new_tokens: int) -> list[AnswerOutput]:
+    if not hooks:
+        return generate_answers(loaded, batch, max_new_tokens=max_new_tokens)
+    with attention_hooks(loaded.adapter, *hooks):
+        return generate_answers(loaded, batch, max_new_tokens=max_new_tokens)
+
+
+def knockout_hook(adapter, batch, window: Sequence[int]) -> AttentionKnockout:
+    """The knockout of `window`: every non-image query (prompt and generated tokens) loses the
+    image keys in the window's layers."""
+    first, last = _check_window(window, adapter.num_layers)
+    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
+    return AttentionKnockout(range(first, last + 1), query_mask=groups["all"] & ~groups["image"],
+                             key_mask=groups["image"], generated_queries=True)
+
+
+@torch.no_grad()
+def knockout_answers(loaded, batch, window: Sequence[int], max_new_tokens: int = 8,
+                     extra_hooks: Iterable[AttentionHook] = ()) -> list[AnswerOutput]:
+    """Greedy answers with non-image -> image attention blocked inside `window` (first, last)."""
+    hook = knockout_hook(loaded.adapter, batch, window)
+    return _generate(loaded, batch, [hook, *extra_hooks], max_new_tokens)
+
+
+@torch.no_grad()
+def corrupted_answers(loaded, batch, window: Sequence[int], kind: str = "gaussian", scale: float = 3.0,
+                      sigma: NoiseScale | None = None, seed: int = 0, extra_hooks: Iterable[AttentionHook] = (),
+                      max_new_tokens: int = 8) -> list[AnswerOutput]:
+    """Greedy answers with the image-position hidden states that the window's layers read corrupted
+    (the inputs of layers first..last; gaussian std = scale * sigma.inputs["image"][layer]).
+    `extra_hooks` (attention observers such as a sharpness recorder) run during the same generation."""
+    adapter = loaded.adapter
+    first, last = _check_window(window, adapter.num_layers)
+    layer_sigma = sigma.layers("image", site="input") if sigma is not None else None
+    check_kind(kind, scale, layer_sigma)
+    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
+    with HiddenStateIntervention(adapter, range(first, last + 1), groups["image"].to(loaded.device), kind=kind,
+                                 scale=scale, sigma=layer_sigma, seed=seed, site="input"):
+        return _generate(loaded, batch, list(extra_hooks), max_new_tokens)
+
+
+def choose_circuit(knockout_scores: Any, windows: Sequence[Sequence[int]],
+                   clean_scores: Sequence[float] | None = None) -> tuple[int, int]:
+    """The window whose knockout lowers the mean task score the most (the largest accuracy drop vs
+    clean: the clean accuracy is common to every window, so this is the lowest knockout accuracy).
+    knockout_scores: (n_samples, n_windows) of the discovery half. Ties go to the earliest window."""
+    scores = np.asarray(knockout_scores, dtype=float)
+    if scores.ndim != 2 or scores.shape[1] != len(windows) or scores.shape[0] == 0:
+        raise ValueError(f"knockout_scores must be (n_samples >= 1, {len(windows)} windows), got {scores.shape}")
+    if clean_scores is not None and len(clean_scores) != scores.shape[0]:
+        raise ValueError(f"{len(clean_scores)} clean scores for {scores.shape[0]} knockout rows")
+    accuracy = np.nanmean(scores, axis=0)
+    if np.isnan(accuracy).all():
+        raise ValueError("every knockout score is NaN: nothing to choose a circuit from")
+    best = int(np.nanargmin(accuracy))
+    return int(windows[best][0]), int(windows[best][1])
+
+
+def control_window(circuit: Sequence[int], num_layers: int) -> tuple[int, int]:
+    """An equal-width window right after the circuit, or right before it when there is no room after;
+    when neither side has room, the widest window that fits on the larger side."""
+    first, last = _check_window(circuit, num_layers)
+    width = last - first + 1
+    if last + width <= num_layers - 1:
+        return last + 1, last + width
+    if first - width >= 0:
+        return first - width, first - 1
+    if num_layers - 1 - last >= first and last < num_layers - 1:
+        return last + 1, num_layers - 1
+    if first > 0:
+        return 0, first - 1
+    raise ValueError(f"the circuit {circuit} covers all {num_layers} decoder layers: no control window fits")
+
+
+def integration_layer(mean_ie_last: Sequence[float], mean_ie_image: Sequence[float]) -> int | None:
+    """The first decoder layer where the mean IE at the last position exceeds the mean IE at the image
+    positions (layers with NaN are skipped); None when it never does."""
+    last = np.asarray(mean_ie_last, dtype=float)
+    image = np.asarray(mean_ie_image, dtype=float)
+    if last.shape != image.shape:
+        raise ValueError(f"IE curves of different lengths: {last.shape} and {image.shape}")
+    for layer, (a, b) in enumerate(zip(last, image)):
+        if np.isfinite(a) and np.isfinite(b) and a > b:
+            return layer
+    return None
