@@ -9,6 +9,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Small models on a 2-core machine: more than one intra-op thread per process only adds contention
+# (seen 50x slower with other work running).
+torch.set_num_threads(1)
 
 TINY_WORDS = "what color is the circle square triangle red green blue yellow how many are there left right of yes no 0 1 2 3 4".split()
 

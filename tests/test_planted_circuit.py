@@ -34,6 +34,7 @@ from vrp_eval.tracing import (
 ASSETS = Path(__file__).parent / "assets"
 sys.path.insert(0, str(ASSETS))
 import planted_circuit
+from tracing_models import one_thread  # noqa: F401  (an autouse fixture)
 
 N = 48  # 24 discovery + 24 held-out
 

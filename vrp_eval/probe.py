@@ -114,15 +114,14 @@ class SampleRecord:
     sharpness_corrupted: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), default=_json_default)
+        return _dumps(asdict(self))
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def _dumps(row: dict[str, Any]) -> str:
+    """Strict JSON (NaN, e.g. the IE of untraced layers, becomes null)."""
+    from vrp_eval.results import to_jsonable
+
+    return json.dumps(to_jsonable(row), allow_nan=False)
 
 
 def score_answer(example: Example, answer: str) -> float:
@@ -561,7 +560,7 @@ def _run_pass(desc, everything, todo, settings, progress, path, work, store, fie
                 rows = [asdict(r) for r in new]
                 if fields:
                     rows = [{k: row[k] for k in fields} for row in rows]
-                sink.write("".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
+                sink.write("".join(_dumps(row) + "\n" for row in rows))
                 sink.flush()
             bar.update(len(chunk))
     finally:

@@ -11,7 +11,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vrp_eval.probe import DEFAULT_SIGNALS, SIGNALS
 from vrp_eval.zoo import DEFAULT_MODEL
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """'0-3,7' -> (0, 1, 2, 3, 7)."""
+    if not text:
+        return None
+    layers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            first, last = (int(x) for x in part.split("-", 1))
+            layers.extend(range(first, last + 1))
+        elif part:
+            layers.append(int(part))
+    return tuple(layers)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +52,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
     parser.add_argument("--task-name", default=None, help="name of the task in results.json (default: from the dataset)")
+    probe = parser.add_argument_group("probe engine")
+    probe.add_argument("--signals", default=",".join(DEFAULT_SIGNALS),
+                       help=f"comma-separated, from {', '.join(SIGNALS)} (default: %(default)s; "
+                            "consistency samples K answers and is off by default)")
+    probe.add_argument("--layers", default=None,
+                       help="decoder layers to trace, e.g. '0-7' or '2,4,6-9' (default: all)")
+    probe.add_argument("--window", type=int, default=None, help="knockout window width (default: ceil(L/4))")
+    probe.add_argument("--noise", default="gaussian", choices=["gaussian", "mean", "zero"])
+    probe.add_argument("--noise-scale", type=float, default=3.0, help="k: gaussian std = k * sigma")
+    probe.add_argument("--n-noise", type=int, default=5, help="K noise samples per input")
+    probe.add_argument("--n-calibration", type=int, default=64, help="samples used to estimate sigma")
+    parser.add_argument("--from-lmms", default=None, metavar="RESULTS_JSON",
+                        help="build the report from an lmms-eval results file (+ its --log_samples file) "
+                             "instead of running a model")
+    parser.add_argument("--lmms-task", default=None, help="with --from-lmms: which vrp_* task of the file")
 
 
 def _task_name(dataset: str) -> str:
-    stem = Path(dataset).name if Path(dataset).exists() else dataset.split("/")[-1]
+    path = Path(dataset)
+    stem = (path.stem if path.is_file() else path.name) if path.exists() else dataset.split("/")[-1]
     return "vrp_" + stem.replace("vrp-", "").replace("-", "_").replace(".", "_").lower()
 
 
@@ -75,22 +107,70 @@ def format_summary(model: str, task: str, metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_pictures(output: Path, title: str, metrics: dict[str, Any], details: dict[str, Any],
+                   records: list[Any]) -> list[Path]:
+    """The reliability diagram and, when the engine ran, the trace heatmap, IE curves and scatter."""
+    from vrp_eval import plots
+
+    written = [plots.reliability_diagram(details["reliability_bins"], metrics["ece"], output / "reliability.png",
+                                         title=title)]
+    if details.get("ie_curves"):
+        written.append(plots.trace_heatmap(details["ie_curves"], output / "trace_heatmap.png", title=title))
+        written.append(plots.ie_curves(details["ie_curves"], output / "ie_curves.png",
+                                       integration_layer=metrics.get("integration_layer"),
+                                       circuit=metrics.get("circuit_layers"), title=title))
+    if records and all(getattr(r, "sharpness", None) is not None for r in records):
+        written.append(plots.sharpness_scatter([r.sharpness for r in records], [r.confidence for r in records],
+                                               [r.score for r in records], output / "sharpness_confidence.png",
+                                               title=title))
+    return written
+
+
+def _from_lmms(args: argparse.Namespace) -> int:
+    from vrp_eval.lmms_results import read_lmms_results
+    from vrp_eval.results import build_results, write_results
+
+    run = read_lmms_results(args.from_lmms, task=args.lmms_task)
+    output = Path(args.output or Path(args.from_lmms).with_suffix("").as_posix() + "-vrp")
+    output.mkdir(parents=True, exist_ok=True)
+    write_results(build_results(config=run.config, task=run.task, metrics=run.metrics, details=run.details),
+                  output / "results.json")
+    (output / "samples.jsonl").write_text("".join(r.to_json() + "\n" for r in run.records))
+    pictures = write_pictures(output, f"{run.config.get('model_name')} on {run.task}", run.metrics, run.details,
+                              run.records)
+    print(format_summary(str(run.config.get("model_name")), run.task, run.metrics))
+    print(f"\nwrote {output / 'results.json'}, {output / 'samples.jsonl'}, " + ", ".join(str(p) for p in pictures))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from vrp_eval import __version__
     from vrp_eval.data import DataError
     from vrp_eval.loading import ModelLoadError, load_model
-    from vrp_eval.plots import reliability_diagram
     from vrp_eval.probe import ProbeSettings, run_probe
-    from vrp_eval.results import build_results, write_results
+    from vrp_eval.results import ResultsError, build_results, write_results
 
+    if args.from_lmms:
+        try:
+            return _from_lmms(args)
+        except (ValueError, OSError) as error:
+            print(f"vrp-eval run: {error}", file=sys.stderr)
+            return 2
     if args.limit is not None and args.limit <= 0:
         print(f"vrp-eval run: --limit must be a positive number of samples, got {args.limit}", file=sys.stderr)
         return 2
-    settings = ProbeSettings(
-        dataset=args.dataset, split=args.split, limit=args.limit, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, confidence=args.confidence, n_bins=args.n_bins,
-        n_bootstrap=args.n_bootstrap, seed=args.seed, on_bad_image=args.on_bad_image,
-    )
+    try:
+        settings = ProbeSettings(
+            dataset=args.dataset, split=args.split, limit=args.limit, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, confidence=args.confidence, n_bins=args.n_bins,
+            n_bootstrap=args.n_bootstrap, seed=args.seed, on_bad_image=args.on_bad_image,
+            signals=tuple(x.strip() for x in args.signals.split(",") if x.strip()),
+            layers=parse_layers(args.layers), window=args.window, noise=args.noise, noise_scale=args.noise_scale,
+            n_noise=args.n_noise, n_calibration=args.n_calibration,
+        )
+    except ValueError as error:
+        print(f"vrp-eval run: {error}", file=sys.stderr)
+        return 2
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = Path(args.output or f"runs/{Path(args.model).name}-{stamp}")
     try:
@@ -99,6 +179,9 @@ def main(args: argparse.Namespace) -> int:
         report = run_probe(loaded, settings, output_dir=output, overwrite=args.overwrite)
     except (ModelLoadError, DataError, ValueError, FloatingPointError) as error:
         print(f"vrp-eval run: {error}", file=sys.stderr)
+        if (output / "pass1.partial.jsonl").exists():
+            print(f"vrp-eval run: the samples finished so far are kept in {output}; run the same command again "
+                  "to resume", file=sys.stderr)
         return 2
     task = args.task_name or _task_name(args.dataset)
     config = {
@@ -108,12 +191,16 @@ def main(args: argparse.Namespace) -> int:
         "probe": settings.to_dict(), "versions": _versions(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    results = build_results(config=config, task=task, metrics=report.metrics, details=report.details)
+    try:
+        results = build_results(config=config, task=task, metrics=report.metrics, details=report.details)
+    except ResultsError as error:
+        print(f"vrp-eval run: {error}", file=sys.stderr)
+        return 2
     write_results(results, output / "results.json")
-    reliability_diagram(report.details["reliability_bins"], report.metrics["ece"], output / "reliability.png",
-                        title=f"{loaded.model_name} on {task}")
+    pictures = write_pictures(output, f"{loaded.model_name} on {task}", report.metrics, report.details,
+                              report.records)
     print(format_summary(loaded.model_name, task, report.metrics))
     if report.skipped:
         print(f"skipped {len(report.skipped)} samples whose image did not decode: {report.skipped[:10]}")
-    print(f"\nwrote {output / 'results.json'}, {output / 'samples.jsonl'}, {output / 'reliability.png'}")
+    print(f"\nwrote {output / 'results.json'}, {output / 'samples.jsonl'}, " + ", ".join(str(p) for p in pictures))
     return 0
