@@ -244,6 +244,21 @@ def _gather_records(records: list[Any]) -> list[Any]:
     return [record for part in gathered for record in part]
 
 
+def _global_first(examples: list[Any], doc_ids: list[int], n: int) -> list[Any]:
+    """The examples of the `n` smallest doc ids over every process, in doc order: what a single
+    process calibrates the noise scale on, so sharded runs estimate the same sigma."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    all_ids: list[Any] = [None] * world
+    dist.all_gather_object(all_ids, list(doc_ids))
+    wanted = set(sorted(i for part in all_ids for i in part)[:n])
+    mine = [(i, e) for i, e in zip(doc_ids, examples) if i in wanted]
+    shared: list[Any] = [None] * world
+    dist.all_gather_object(shared, mine)
+    return [e for _, e in sorted((pair for part in shared for pair in part), key=lambda pair: pair[0])]
+
+
 def _engine_state(report) -> dict[str, Any]:
     """The run-wide choices `aggregate` needs beside the records (the knockout windows, the circuit
     and its control window), as JSON; read from the report's metrics and details."""
@@ -328,8 +343,12 @@ class VRP(lmms):
                 row = {**doc, "image": visuals[0] if visuals else None}
                 examples.append(_context_example(to_example(row, doc_id), context))
             settings = self._settings_for(task, split, gen_kwargs)
-            reduce = _gather_records if self._world_size > 1 else None
-            report = run_probe(self.loaded, settings, examples=examples, progress=self.rank == 0, reduce=reduce)
+            reduce, calibration = None, None
+            if self._world_size > 1:
+                reduce = _gather_records
+                calibration = _global_first(examples, sorted(positions_of), settings.n_calibration)
+            report = run_probe(self.loaded, settings, examples=examples, progress=self.rank == 0, reduce=reduce,
+                               calibration=calibration)
             state = _engine_state(report)
             records = iter(report.records)
             skipped = list(report.skipped)

@@ -322,8 +322,9 @@ def _trace_settings(settings: ProbeSettings):
 
 
 def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings,
-                   reduce: Callable[[Any], Any] | None = None) -> EngineState:
-    """Noise scales from up to `n_calibration` samples and the knockout windows."""
+                   calibration: list[Example] | None = None) -> EngineState:
+    """Noise scales from up to `n_calibration` samples (`calibration`, else the first examples) and
+    the knockout windows."""
     state = EngineState()
     signals = set(settings.signals)
     if not signals & {"tracing", "circuit"}:
@@ -340,7 +341,7 @@ def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: Probe
         if bad:
             raise ValueError(f"layers {bad} out of range: this model has decoder layers 0..{num_layers - 1}")
     state.windows = knockout_windows(num_layers, width)
-    calibration = examples[: settings.n_calibration]
+    calibration = (calibration if calibration is not None else examples)[: settings.n_calibration]
     encoded = [_encode(loaded, chunk, settings) for chunk in _batches(calibration, settings.batch_size)]
     state.sigma = estimate_sigma(loaded, [b for b, _ in encoded])
     return state
@@ -470,6 +471,7 @@ def run_probe(
     overwrite: bool = False,
     progress: bool = True,
     reduce: Callable[[Any], Any] | None = None,
+    calibration: list[Example] | None = None,
 ) -> ProbeReport:
     """Answer, score and probe every example.
 
@@ -478,7 +480,9 @@ def run_probe(
     (held-out half): the circuit-corrupted and control runs. With `output_dir`, progress is appended
     to partial files as each batch finishes and a rerun resumes from them; `samples.jsonl` is written
     at the end. `reduce` (all-gather for distributed runs) merges the discovery records of all
-    processes before the circuit is chosen.
+    processes before the circuit is chosen; `calibration` (default: the first `n_calibration`
+    examples) fixes the samples the noise scale is estimated on, so that every process of a sharded
+    run uses the same one.
     """
     if settings.confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"unknown confidence {settings.confidence!r}; choose one of {', '.join(CONFIDENCE_KINDS)}")
@@ -504,7 +508,7 @@ def run_probe(
             except DataError:
                 skipped.append(example.question_id)
         examples = good
-    state = prepare_engine(loaded, examples, settings, reduce)
+    state = prepare_engine(loaded, examples, settings, calibration)
 
     pass1_path = folder / "pass1.partial.jsonl" if folder else None
     records = {row["question_id"]: SampleRecord(**row) for row in _read_jsonl(pass1_path)} if folder else {}
