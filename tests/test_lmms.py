@@ -220,6 +220,11 @@ def test_lmms_eval_cli_reports_what_run_probe_computes(family, random_tiny_dirs,
     assert (run.task, run.config["model_sha"], run.settings.batch_size) == ("vrp_synth", loaded.model_sha, BATCH)
     _assert_close(run.metrics, report.metrics, "metrics")
     assert run.details.keys() == report.details.keys()
+    # ... and reach a results dataset unchanged: `vrp-eval push` takes the lmms-eval file itself.
+    from vrp_eval.cli import main as vrp_eval_main
+
+    results_file = str(next(tmp_path.glob("**/*_results.json")))
+    assert vrp_eval_main(["push", results_file, "--repo", "me/vrp-results", "--dry-run"]) == 0
 
 
 def _assert_close(got, expected, name):

@@ -24,6 +24,8 @@ it adds `tasks_dir()` to every TaskManager's include paths (after the built-in t
 """
 from __future__ import annotations
 
+from vrp_eval import __version__
+
 import dataclasses
 import functools
 import hashlib
@@ -316,7 +318,8 @@ class VRP(lmms):
         return {
             "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id,
             "model": {"model_name": loaded.model_name, "model_sha": loaded.model_sha,
-                      "model_dtype": loaded.dtype, "model_family": loaded.family},
+                      "model_dtype": loaded.dtype, "model_family": loaded.family,
+                      "vrp_eval_version": __version__},
             "settings": settings.to_dict(),
             "state": state,
             "record": dataclasses.asdict(record),

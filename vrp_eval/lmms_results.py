@@ -84,7 +84,10 @@ def read_lmms_results(results_path: str | Path, task: str | None = None,
     reported = {key.split(",")[0]: value for key, value in results["results"][task].items()
                 if key.endswith(",none") and "_stderr" not in key}
     created = results.get("date")
+    from vrp_eval import __version__
+
     config = {
+        "vrp_eval_version": __version__,  # logs written before payloads carried it
         **payloads[0]["model"],
         "dataset": (results.get("configs", {}).get(task) or {}).get("dataset_path"),
         "split": settings.split, "task": task, "probe": settings.to_dict(),

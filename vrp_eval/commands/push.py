@@ -6,7 +6,9 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("results", help="results.json written by `vrp-eval run`")
+    parser.add_argument("results", help="results.json written by `vrp-eval run`, or an lmms-eval results file of a "
+                                        "`--model vrp` run (its --log_samples file beside it)")
+    parser.add_argument("--lmms-task", default=None, help="for an lmms-eval file with several vrp_* tasks: which one")
     parser.add_argument("--repo", required=True, metavar="ORG/NAME", help="the results dataset repo (created if needed)")
     parser.add_argument("--dry-run", action="store_true", help="validate and show what would be written; upload nothing")
     parser.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
@@ -19,15 +21,34 @@ def main(args: argparse.Namespace) -> int:
     from vrp_eval.results import ResultsError, read_results
 
     try:
-        results = read_results(args.results)  # validate before anything else, token included
+        results = _load(args.results, args.lmms_task)  # validate before anything else, token included
         token = None
         if args.token_env and not args.dry_run:
             token = token_from_env(args.token_env)
             if token is None:
                 raise PushError(f"environment variable {args.token_env} is not set or empty")
         report = push_results(results, args.repo, token=token, endpoint=args.endpoint, dry_run=args.dry_run)
-    except (ResultsError, PushError) as error:
+    except (ResultsError, PushError, ValueError, OSError) as error:
         print(f"vrp-eval push: {error}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0
+
+
+def _load(path: str, lmms_task: str | None) -> dict:
+    """Our results file as it is; an lmms-eval results file converted through its samples log (the
+    same conversion as `vrp-eval run --from-lmms`), so lmms-eval runs reach the leaderboard."""
+    import json
+
+    from vrp_eval.results import SCHEMA, build_results, read_results
+
+    try:
+        head = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, json.JSONDecodeError):
+        head = None
+    if isinstance(head, dict) and head.get("schema") != SCHEMA and "lmms_eval_version" in head:
+        from vrp_eval.lmms_results import read_lmms_results
+
+        run = read_lmms_results(path, task=lmms_task)
+        return build_results(config=run.config, task=run.task, metrics=run.metrics, details=run.details)
+    return read_results(path)
