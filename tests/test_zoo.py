@@ -57,3 +57,35 @@ def test_zoo_model_reaches_its_stated_accuracy_and_uses_the_image(name, validati
     assert accuracy > 0.45
     # Measured on this slice: tiny-llava 0.60 vs 0.38 blank, tiny-paligemma 0.60 vs 0.40, tiny-qwen2vl 0.52 vs 0.41.
     assert _exact_match(loaded, validation_slice, blank=True) < accuracy - 0.10
+
+
+def test_train_tiny_builds_a_model_then_a_further_stage_continues_it(tmp_path):
+    """`vrp-eval train-tiny` with custom sizes, then `--init-from` that folder: the second stage starts
+    from the first stage's weights, keeps its sizes and records it in `stages`."""
+    import torch
+
+    from vrp_eval.cli import main
+
+    small = ["--layers", "2", "--hidden-size", "32", "--intermediate-size", "64", "--heads", "2",
+             "--vision-layers", "1", "--vision-hidden", "32", "--n-train", "64", "--epochs", "2", "--threads", "1"]
+    first, second = tmp_path / "stage1", tmp_path / "stage2"
+    assert main(["train-tiny", "--family", "llava", *small, "--output", str(first)]) == 0
+    report = json.loads((first / "training_report.json").read_text())
+    assert report["steps_done"] == 2 and report["spec"]["hidden_size"] == 32 and report["stages"] == []
+    loaded = load_model(str(first), device="cpu")
+    assert loaded.adapter.num_layers == 2 and loaded.model.config.vision_config.hidden_size == 32
+
+    assert main(["train-tiny", "--family", "llava", "--init-from", str(first), "--n-train", "64", "--epochs", "1",
+                 "--eval-every", "1", "--lr", "1e-2", "--threads", "1", "--output", str(second)]) == 0
+    again = json.loads((second / "training_report.json").read_text())
+    assert again["init_from"] == str(first) and again["spec"]["hidden_size"] == 32
+    assert [stage["steps_done"] for stage in again["stages"]] == [2] and again["steps_done"] == 1
+    before = AutoModelForImageTextToText.from_pretrained(first).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(second).state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained further
+    # Continued, not rebuilt from the defaults (width 64): the saved model has the first stage's sizes.
+    assert AutoModelForImageTextToText.from_pretrained(second).config.text_config.hidden_size == 32
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        main(["train-tiny", "--family", "llava", "--init-from", str(tmp_path / "missing"), "--output", str(tmp_path)])

@@ -28,14 +28,10 @@ from vrp_eval import __version__
 
 import dataclasses
 import functools
-import hashlib
-import json
-import math
 import os
 import threading
-import types
 import typing
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -54,29 +50,18 @@ from lmms_eval.api.model import lmms  # noqa: E402
 
 from vrp_eval.data import Example  # noqa: E402
 
-PAYLOAD_OPEN = "\n<vrp-record>"
-PAYLOAD_CLOSE = "</vrp-record>"
+from vrp_eval import harness  # noqa: E402
+from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: E402,F401
+
 PAYLOAD_FORMAT = "vrp-eval/lmms-record"
-PAYLOAD_VERSION = 1
 
 #: What every `vrp_*` task reports beside `accuracy`, each aggregated over all samples by
 #: `probe.aggregate` (SPEC names, their CIs / p-values / Spearman). tasks/_vrp_template_yaml lists
 #: the same names; a test keeps the two in step.
-RELIABILITY_METRICS: tuple[str, ...] = (
-    "n_samples", "mean_confidence",
-    "ece", "ece_ci_low", "ece_ci_high", "mce", "ace", "brier",
-    *(f"{name}{suffix}" for name in ("attn_conf_r", "attn_acc_r", "attn_overconf_r")
-      for suffix in ("", "_ci_low", "_ci_high", "_p", "_rho")),
-    "mean_sharpness", "mean_image_attention_mass",
-    "causal_acc_drop", "causal_acc_drop_ci_low", "causal_acc_drop_ci_high",
-    "control_acc_drop", "control_acc_drop_ci_low", "control_acc_drop_ci_high",
-    "clean_accuracy", "corrupted_accuracy", "n_heldout",
-    "sharpness_heldout_clean", "sharpness_heldout_corrupted",
-    "circuit_layers", "control_layers", "integration_layer",
-)
+RELIABILITY_METRICS: tuple[str, ...] = harness.RELIABILITY_METRICS
 
 # Options of `run_probe` that the task decides, not the model arguments.
-_TASK_DECIDES = {"dataset": "--tasks", "split": "the task's test split", "limit": "--limit"}
+_TASK_DECIDES = harness.TASK_DECIDES
 
 
 def tasks_dir() -> Path:
@@ -84,98 +69,19 @@ def tasks_dir() -> Path:
     return Path(__file__).resolve().parent / "tasks"
 
 
-# --------------------------------------------------------------------------------------------
-# The payload: a record inside the response string
-# --------------------------------------------------------------------------------------------
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
-        return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def encode_response(answer: str, payload: dict[str, Any]) -> str:
-    """`answer` followed by `payload` as JSON between the vrp-record markers."""
-    text = json.dumps(payload, default=_json_default, separators=(",", ":")).replace("<", "\\u003c")
-    return f"{answer}{PAYLOAD_OPEN}{text}{PAYLOAD_CLOSE}"
+    """`answer` followed by `payload` between the vrp-record markers (`harness.encode_response`)."""
+    return harness.encode_response(answer, payload)
 
 
 def decode_response(text: str) -> tuple[str, dict[str, Any] | None]:
     """(plain answer, payload or None) of a response; None for any backend other than `vrp`."""
-    body = text.rstrip()
-    start = body.rfind(PAYLOAD_OPEN.strip())
-    if start < 0 or not body.endswith(PAYLOAD_CLOSE):
-        return text, None
-    payload = json.loads(body[start + len(PAYLOAD_OPEN.strip()):-len(PAYLOAD_CLOSE)])
-    if not isinstance(payload, dict) or payload.get("format") != PAYLOAD_FORMAT:
-        return text, None
-    answer = body[:start]
-    # lmms-eval strips responses before process_results; the record holds the exact answer.
-    return payload["record"].get("answer", answer.rstrip("\n")), payload
+    return harness.decode_response(text, PAYLOAD_FORMAT)
 
 
 # --------------------------------------------------------------------------------------------
 # Model arguments -> ProbeSettings + load_model keywords
 # --------------------------------------------------------------------------------------------
-
-def _strip_quotes(value: Any) -> Any:
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """`value` (as lmms-eval's argument parser left it) converted to the type `hint`."""
-    value = _strip_quotes(value)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            if type(None) in options:
-                return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(value, option, name)
-            except (TypeError, ValueError) as error:
-                errors.append(str(error))
-        raise ValueError("; ".join(errors))
-    if origin in (list, tuple, set, frozenset):
-        if isinstance(value, str):
-            text = value.strip().strip("[]()")
-            items = [part for part in text.replace(";", " ").replace("+", " ").replace(",", " ").split()]
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [value]
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis] or [str]
-        converted = [_coerce(item, args[0] if len(args) == 1 or origin is not tuple else args[i], name)
-                     for i, item in enumerate(items)]
-        return origin(converted)
-    if hint is Any or hint is object:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name} takes true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{name} takes an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        return float(value)
-    if hint is str:
-        return str(value)
-    if isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise ValueError(f"{name}: cannot read {value!r} as {hint}")
-
 
 def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
     """Split lmms-eval's `--model_args` (plus batch_size, device ...) into
@@ -188,13 +94,13 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
     from vrp_eval.zoo import DEFAULT_MODEL
 
     args = dict(args)
-    model_id = str(_strip_quotes(args.pop("pretrained", DEFAULT_MODEL)))
+    model_id = str(harness.strip_quotes(args.pop("pretrained", DEFAULT_MODEL)))
     args.pop("max_batch_size", None)  # lmms-eval passes it to every backend
     if str(args.get("batch_size", "")).startswith("auto"):
         args.pop("batch_size")  # no automatic batch size: ProbeSettings' default
     load_params = {name for name, p in inspect.signature(load_model).parameters.items()
                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    load_kwargs = {name: _strip_quotes(args.pop(name)) for name in list(args)
+    load_kwargs = {name: harness.strip_quotes(args.pop(name)) for name in list(args)
                    if name in load_params and args[name] is not None}
     hints = typing.get_type_hints(ProbeSettings)
     probe_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
@@ -212,7 +118,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
         if value is None:
             continue
         try:
-            settings_kwargs[name] = _coerce(value, hints[name], name)
+            settings_kwargs[name] = harness.coerce(value, hints[name], name)
         except (TypeError, ValueError) as error:
             raise ValueError(f"model argument {name}={value!r}: {error}") from None
     return model_id, ProbeSettings(**settings_kwargs), load_kwargs
@@ -380,32 +286,7 @@ class VRP(lmms):
 # Task side: process_results and the aggregations
 # --------------------------------------------------------------------------------------------
 
-class VRPSample:
-    """One sample's per-metric value: the task's score and, under `--model vrp`, the record.
-
-    lmms-eval logs per-sample metric values with `str()`, so the record (already in the response)
-    is not written again for every metric."""
-
-    __slots__ = ("doc_id", "task_score", "payload", "key")
-
-    def __init__(self, doc_id: Any, task_score: float, payload: dict[str, Any] | None):
-        self.doc_id = doc_id
-        self.task_score = task_score
-        self.payload = payload
-        text = json.dumps(payload, sort_keys=True, default=_json_default) if payload is not None else ""
-        self.key = hashlib.sha1(f"{doc_id}\x00{task_score}\x00{text}".encode()).hexdigest()
-
-    def __str__(self) -> str:
-        return "vrp-record" if self.payload is not None else "no-vrp-record"
-
-    __repr__ = __str__
-
-    def __getstate__(self):
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __setstate__(self, state):
-        for name, value in state.items():
-            setattr(self, name, value)
+VRPSample = harness.RecordSample  # the name lmms-eval task code has used
 
 
 def process_results(doc: dict[str, Any], results: list[str], *, score: Callable[[dict, list[str]], dict],
@@ -423,7 +304,6 @@ def process_results(doc: dict[str, Any], results: list[str], *, score: Callable[
 
 
 _lock = threading.Lock()
-_summaries: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
 _warned: set[str] = set()
 
 
@@ -437,51 +317,18 @@ def _warn_once(kind: str, message: str) -> None:
     logger.warning(message)
 
 
-def summarise(samples: list[VRPSample]) -> dict[str, Any]:
-    """The aggregate metrics of one task's samples (computed once, shared by every metric)."""
-    key = tuple(sample.key for sample in samples)
-    with _lock:
-        if key in _summaries:
-            return _summaries[key]
-    summary = _summarise(samples)
-    with _lock:
-        _summaries[key] = summary
-        while len(_summaries) > 16:
-            _summaries.popitem(last=False)
-    return summary
-
-
-def records_from_payloads(payloads: list[dict[str, Any]]):
-    """(records in dataset order, ProbeSettings, EngineState) of one task's payloads, ready for
-    `probe.aggregate`. Fields that this vrp-eval does not know are dropped (newer payloads)."""
-    from vrp_eval.probe import EngineState, ProbeSettings, SampleRecord
-
-    payloads = sorted(payloads, key=lambda p: p["doc_id"])
-    record_fields = {f.name for f in dataclasses.fields(SampleRecord)}
-    settings_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
-    records = [SampleRecord(**{k: v for k, v in p["record"].items() if k in record_fields}) for p in payloads]
-    settings = ProbeSettings(**{k: v for k, v in payloads[0]["settings"].items() if k in settings_fields})
-    saved = payloads[0].get("state") or {}
-    state = EngineState(windows=[tuple(w) for w in saved.get("windows") or []],
-                        circuit=tuple(saved["circuit"]) if saved.get("circuit") else None,
-                        control=tuple(saved["control"]) if saved.get("control") else None)
-    return records, settings, state
+records_from_payloads = harness.records_from_payloads
 
 
 def _summarise(samples: list[VRPSample]) -> dict[str, Any]:
-    from vrp_eval.probe import aggregate
-
+    metrics = harness.aggregate_probed(samples, lambda: _warn_once("backend", (
+        "vrp-eval: the responses carry no vrp-eval record, so the reliability metrics of the vrp_* "
+        "tasks (ece, attn_conf_r, causal_acc_drop, ...) are NaN; accuracy is unaffected. Run with "
+        "`--model vrp --model_args pretrained=<Hub id | local folder | zoo name>` to compute them."
+    )))
     probed = [s for s in samples if s.payload is not None]
     if not probed:
-        _warn_once("backend", (
-            "vrp-eval: the responses carry no vrp-eval record, so the reliability metrics of the vrp_* "
-            "tasks (ece, attn_conf_r, causal_acc_drop, ...) are NaN; accuracy is unaffected. Run with "
-            "`--model vrp --model_args pretrained=<Hub id | local folder | zoo name>` to compute them."
-        ))
-        return {"n_samples": len(samples)}
-    metrics, _ = aggregate(*records_from_payloads([s.payload for s in probed]))
-    if len(probed) < len(samples):
-        metrics["n_skipped"] = len(samples) - len(probed)
+        return metrics
     task = probed[0].payload.get("task")
     disagree = sum(abs(s.task_score - float(s.payload["record"].get("score", s.task_score))) > 1e-9 for s in probed)
     if disagree:
@@ -493,14 +340,9 @@ def _summarise(samples: list[VRPSample]) -> dict[str, Any]:
     return metrics
 
 
-def reliability_aggregation(name: str) -> Callable[[list[VRPSample]], Any]:
-    """The lmms-eval aggregation of metric `name`: its value in `summarise(samples)`, NaN if absent."""
-
-    def aggregation(samples: list[VRPSample]) -> Any:
-        return summarise(samples).get(name, math.nan)
-
-    aggregation.__name__ = aggregation.__qualname__ = f"vrp_{name}"
-    return aggregation
+#: The aggregate metrics of one task's samples (computed once, shared by every metric).
+summarise = harness.Summaries(_summarise)
+reliability_aggregation = summarise.aggregation
 
 
 # --------------------------------------------------------------------------------------------

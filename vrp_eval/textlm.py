@@ -21,15 +21,22 @@ excluded) belongs to it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 
 from vrp_eval.adapters import AdapterError, FamilyAdapter
 from vrp_eval.data import Example
-from vrp_eval.loading import DTYPES, LoadedModel, ModelLoadError, _weights_sha, resolve_model
+from vrp_eval.loading import (
+    DTYPES,
+    LoadedModel,
+    ModelLoadError,
+    _weights_sha,
+    resolve_model,
+)
 
 #: The probe signals that mean something without an image (the spatial ones need an image grid).
 TEXT_SIGNALS = ("attention", "tracing", "circuit", "logit_lens")
@@ -101,8 +108,8 @@ class TextAdapter(FamilyAdapter):
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The subject: each row's positions up to its first sentence end, special tokens excluded."""
         ends = torch.isin(input_ids, self._end_ids.to(input_ids.device))
-        before_end = ends.int().cumsum(1) - ends.int() == 0  # up to and including the first end
-        found = ends.any(1, keepdim=True)
+        before_end = ends.int().cumsum(-1) - ends.int() == 0  # up to and including the first end
+        found = ends.any(-1, keepdim=True)
         return before_end & found & ~torch.isin(input_ids, self._special_ids.to(input_ids.device))
 
     def position_groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -111,6 +118,11 @@ class TextAdapter(FamilyAdapter):
         groups["text"] = groups["all"] & ~groups["image"] & ~groups["last"]
         groups["subject"] = groups["image"]
         return groups
+
+    def image_grid(self, batch, row: int) -> tuple[int, int]:
+        """A sentence is one row of tokens."""
+        groups = self.position_groups(batch["input_ids"][row:row + 1], batch["attention_mask"][row:row + 1])
+        return (1, int(groups["image"].sum()))
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "num_layers": self.num_layers, "subject_end": self.subject_end,

@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from vrp_eval.hub import PushError, push_results, token_from_env
-    from vrp_eval.results import ResultsError, read_results
+    from vrp_eval.results import ResultsError
 
     try:
         results = _load(args.results, args.lmms_task)  # validate before anything else, token included

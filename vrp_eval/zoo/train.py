@@ -107,8 +107,13 @@ def train_tiny(
     threads: int | None = None,
     device: str = "cpu",
     max_seconds: float | None = None,
+    init_from: str | Path | None = None,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
-    """Train `family` from scratch and save it with `save_pretrained`; returns the training report."""
+    """Train `family` from scratch (or continue from the `save_pretrained` folder or zoo name
+    `init_from`, a further stage) and save it with `save_pretrained`; returns the training report.
+    With `eval_every`, every that many steps the model is scored on the first 200 validation items
+    and saved to `output_dir` (a checkpoint to keep if the run is stopped)."""
     if family not in FAMILY_TO_NAME:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_TO_NAME)}")
     if threads:
@@ -116,7 +121,25 @@ def train_tiny(
     output_dir = Path(output_dir) if output_dir else Path(__file__).parent / FAMILY_TO_NAME[family]
     spec = spec or TinySpec()
     started = time.time()
-    model, processor = build_tiny(family, synth.vocabulary(), spec, seed=seed)
+    stages: list[dict[str, Any]] = []
+    if init_from is not None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from vrp_eval.zoo import is_zoo_name, zoo_path
+
+        source = zoo_path(str(init_from)) if is_zoo_name(str(init_from)) else Path(init_from)
+        if not (source / "config.json").exists():
+            raise FileNotFoundError(f"--init-from {init_from}: no config.json in {source}; give a zoo name or a "
+                                    "folder written by `vrp-eval train-tiny`")
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(source)
+        previous = source / "training_report.json"
+        if previous.exists():
+            earlier = json.loads(previous.read_text())
+            stages = earlier.pop("stages", []) + [earlier]
+            spec = TinySpec(**earlier.get("spec", {}))
+    else:
+        model, processor = build_tiny(family, synth.vocabulary(), spec, seed=seed)
     adapter = adapter_for(model, processor)
     model.to(device)
     train = synth.generate("train", n=n_train)
@@ -144,6 +167,7 @@ def train_tiny(
     progress = tqdm(range(steps), desc=f"train tiny-{family}", unit="step")
     losses: list[float] = []
     train_started = time.time()
+    mark = [train_started, 0]
     for step in progress:
         if step >= total[0]:
             break
@@ -159,13 +183,25 @@ def train_tiny(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
             progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        if max_seconds is not None and step == 50:
-            per_step = (time.time() - train_started) / 51
-            left = max_seconds - (time.time() - started) - 30  # keep time to evaluate and save
-            total[0] = min(steps, 51 + int(left / per_step))
+        if eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            checkpoint = evaluate_exact(model, adapter, val[:200])
+            model.train()
+            progress.write(f"step {step + 1}: val[:200] exact match {checkpoint['all']:.3f} "
+                           f"(normal {checkpoint['normal']:.3f}, hard {checkpoint['hard']:.3f}); saved to {output_dir}")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(output_dir)
+            processor.save_pretrained(output_dir)
+        if max_seconds is not None and step >= 50 and step % 50 == 0:
+            # Re-estimated every 50 steps from the recent step time (other jobs may share the device).
+            now = time.time()
+            per_step = (now - mark[0]) / (step + 1 - mark[1]) if step > 50 else (now - train_started) / 51
+            mark[:] = [now, step + 1]
+            left = max_seconds - (now - started) - 30  # keep time to evaluate and save
+            total[0] = min(steps, step + 1 + max(0, int(left / per_step)))
     model.eval()
     accuracy = evaluate_exact(model, adapter, val)
     model.to("cpu")
@@ -176,6 +212,8 @@ def train_tiny(
         "val_exact_match_hard": accuracy["hard"], "device": device, "n_val": len(val), "seconds": round(time.time() - started, 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "spec": {k: v for k, v in vars(spec).items() if k != "extra"},
+        "init_from": str(init_from) if init_from is not None else None,
+        "stages": stages,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)

@@ -1,0 +1,238 @@
+"""What the lmms-eval glue (`vrp_eval.lmms`) and the lm-eval glue (`vrp_eval.lm`) share.
+
+A harness hands a task one string per request, so a vrp-eval backend answers with the plain answer
+followed by the sample's record as JSON between markers (`encode_response`); the task's
+`process_results` splits it (`decode_response`), scores the plain answer and gives every
+reliability metric the sample's `RecordSample`; the aggregations rebuild the records
+(`records_from_payloads`) and call `probe.aggregate` once per task (`Summaries`). Model arguments
+arrive as text and become `ProbeSettings` fields through `coerce`.
+
+Nothing here imports a harness, so both glue modules (and `vrp-eval run --from-lmms`) use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import threading
+import types
+import typing
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+PAYLOAD_OPEN = "\n<vrp-record>"
+PAYLOAD_CLOSE = "</vrp-record>"
+PAYLOAD_VERSION = 1
+
+#: What a vrp-eval task reports beside `accuracy`, each aggregated over all samples by
+#: `probe.aggregate` (SPEC names, their CIs / p-values / Spearman).
+RELIABILITY_METRICS: tuple[str, ...] = (
+    "n_samples", "mean_confidence",
+    "ece", "ece_ci_low", "ece_ci_high", "mce", "ace", "brier",
+    *(f"{name}{suffix}" for name in ("attn_conf_r", "attn_acc_r", "attn_overconf_r")
+      for suffix in ("", "_ci_low", "_ci_high", "_p", "_rho")),
+    "mean_sharpness", "mean_image_attention_mass",
+    "causal_acc_drop", "causal_acc_drop_ci_low", "causal_acc_drop_ci_high",
+    "control_acc_drop", "control_acc_drop_ci_low", "control_acc_drop_ci_high",
+    "clean_accuracy", "corrupted_accuracy", "n_heldout",
+    "sharpness_heldout_clean", "sharpness_heldout_corrupted",
+    "circuit_layers", "control_layers", "integration_layer",
+)
+
+#: Options of `run_probe` that the task decides, not the model arguments.
+TASK_DECIDES = {"dataset": "--tasks", "split": "the task's test split", "limit": "--limit"}
+
+
+# --------------------------------------------------------------------------------------------
+# The payload: a record inside the response string
+# --------------------------------------------------------------------------------------------
+
+def json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def encode_response(answer: str, payload: dict[str, Any]) -> str:
+    """`answer` followed by `payload` as JSON between the vrp-record markers ("<" escaped, so the
+    last marker always starts the payload)."""
+    text = json.dumps(payload, default=json_default, separators=(",", ":")).replace("<", "\\u003c")
+    return f"{answer}{PAYLOAD_OPEN}{text}{PAYLOAD_CLOSE}"
+
+
+def decode_response(text: str, payload_format: str) -> tuple[str, dict[str, Any] | None]:
+    """(plain answer, payload or None) of a response; None when it carries no payload of
+    `payload_format` (any other model's response)."""
+    body = text.rstrip()
+    start = body.rfind(PAYLOAD_OPEN.strip())
+    if start < 0 or not body.endswith(PAYLOAD_CLOSE):
+        return text, None
+    payload = json.loads(body[start + len(PAYLOAD_OPEN.strip()):-len(PAYLOAD_CLOSE)])
+    if not isinstance(payload, dict) or payload.get("format") != payload_format:
+        return text, None
+    # Harnesses strip responses before process_results; the record holds the exact answer.
+    return payload["record"].get("answer", body[:start].rstrip("\n")), payload
+
+
+# --------------------------------------------------------------------------------------------
+# Model arguments
+# --------------------------------------------------------------------------------------------
+
+def strip_quotes(value: Any) -> Any:
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` (as the harness's argument parser left it) converted to the type `hint`; lists as
+    `a;b`, `a+b` or `[a,b]`."""
+    value = strip_quotes(value)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return coerce(value, option, name)
+            except (TypeError, ValueError) as error:
+                errors.append(str(error))
+        raise ValueError("; ".join(errors))
+    if origin in (list, tuple, set, frozenset):
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            items = text.replace(";", " ").replace("+", " ").replace(",", " ").split()
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis] or [str]
+        converted = [coerce(item, args[0] if len(args) == 1 or origin is not tuple else args[i], name)
+                     for i, item in enumerate(items)]
+        return origin(converted)
+    if hint is Any or hint is object:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} takes true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{name} takes an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        return float(value)
+    if hint is str:
+        return str(value)
+    if isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ValueError(f"{name}: cannot read {value!r} as {hint}")
+
+
+# --------------------------------------------------------------------------------------------
+# Task side: per-sample values and the aggregations
+# --------------------------------------------------------------------------------------------
+
+class RecordSample:
+    """One sample's value for every reliability metric: the task's score and, under a vrp-eval
+    backend, the record (payload).
+
+    Harnesses log per-sample metric values with `str()`, so the record (already in the response)
+    is not written again for every metric."""
+
+    __slots__ = ("doc_id", "key", "payload", "task_score")
+
+    def __init__(self, doc_id: Any, task_score: float, payload: dict[str, Any] | None):
+        self.doc_id = doc_id
+        self.task_score = task_score
+        self.payload = payload
+        text = json.dumps(payload, sort_keys=True, default=json_default) if payload is not None else ""
+        self.key = hashlib.sha1(f"{doc_id}\x00{task_score}\x00{text}".encode()).hexdigest()
+
+    def __str__(self) -> str:
+        return "vrp-record" if self.payload is not None else "no-vrp-record"
+
+    __repr__ = __str__
+
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def records_from_payloads(payloads: list[dict[str, Any]]):
+    """(records, ProbeSettings, EngineState) of one task's payloads, ready for `probe.aggregate`;
+    in dataset order when the payloads carry `doc_id`. Fields that this vrp-eval does not know are
+    dropped (newer payloads); a payload without settings gets the defaults."""
+    from vrp_eval.probe import EngineState, ProbeSettings, SampleRecord
+
+    if all("doc_id" in p for p in payloads):
+        payloads = sorted(payloads, key=lambda p: p["doc_id"])
+    record_fields = {f.name for f in dataclasses.fields(SampleRecord)}
+    settings_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
+    records = [SampleRecord(**{k: v for k, v in p["record"].items() if k in record_fields}) for p in payloads]
+    saved_settings = payloads[0].get("settings") or {}
+    settings = ProbeSettings(**{k: v for k, v in saved_settings.items() if k in settings_fields})
+    saved = payloads[0].get("state") or {}
+    state = EngineState(windows=[tuple(w) for w in saved.get("windows") or []],
+                        circuit=tuple(saved["circuit"]) if saved.get("circuit") else None,
+                        control=tuple(saved["control"]) if saved.get("control") else None)
+    return records, settings, state
+
+
+class Summaries:
+    """`compute(samples)` once per task's samples, shared by every metric's aggregation (a harness
+    calls each aggregation with the same list); keeps the last 16."""
+
+    def __init__(self, compute: Callable[[list[RecordSample]], dict[str, Any]]):
+        self._compute = compute
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+
+    def __call__(self, samples: list[RecordSample]) -> dict[str, Any]:
+        key = tuple(sample.key for sample in samples)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        summary = self._compute(samples)
+        with self._lock:
+            self._cache[key] = summary
+            while len(self._cache) > 16:
+                self._cache.popitem(last=False)
+        return summary
+
+    def aggregation(self, name: str) -> Callable[[list[RecordSample]], Any]:
+        """The harness aggregation of metric `name`: its value in the summary, NaN if absent."""
+
+        def aggregation(samples: list[RecordSample]) -> Any:
+            return self(samples).get(name, math.nan)
+
+        aggregation.__name__ = aggregation.__qualname__ = f"vrp_{name}"
+        return aggregation
+
+
+def aggregate_probed(samples: list[RecordSample], warn_none: Callable[[], None]) -> dict[str, Any]:
+    """`probe.aggregate` of the samples that carry a record (`n_skipped` counts the others); with
+    none, `warn_none()` and only `n_samples`."""
+    from vrp_eval.probe import aggregate
+
+    probed = [s for s in samples if s.payload is not None]
+    if not probed:
+        warn_none()
+        return {"n_samples": len(samples)}
+    metrics, _ = aggregate(*records_from_payloads([s.payload for s in probed]))
+    if len(probed) < len(samples):
+        metrics["n_skipped"] = len(samples) - len(probed)
+    return metrics

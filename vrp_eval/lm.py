@@ -1,0 +1,344 @@
+"""lm-eval glue: the `vrp-lm` model (text-only causal LMs) and the functions behind the `vrp_text_*` tasks.
+
+    python -m vrp_eval.lm --model vrp-lm --model_args pretrained=tiny-text-llama \\
+        --tasks vrp_text_synth,vrp_text_synth_mc --output_path results/
+
+lm-eval 0.4.13 has no plugin entry point for models, so `python -m vrp_eval.lm` imports this module
+(which registers `vrp-lm` with `@register_model`) and then runs lm-eval's own CLI with the same
+arguments; it adds `--include_path <vrp_eval/tasks_lm>` when none is given.
+
+Short answer (`generate_until`, task `vrp_text_synth`). As the lmms-eval backend does
+(vrp_eval/lmms.py), `VRPLM.generate_until` runs the very `probe.run_probe` that the Python API runs,
+once per task, on a `TextAdapter` (vrp_eval/textlm.py: the subject sentence plays the image), and
+answers with the plain answer followed by the sample's record as JSON:
+
+    <plain answer>\\n<vrp-record>{"format": "vrp-eval/lm-record", "record": {...}, ...}</vrp-record>
+
+`process_results` splits it, scores the plain answer, and the aggregations rebuild the records and
+call `probe.aggregate`: calibration, attention sharpness, causal trace, knockout circuit and causal
+drop, under the SPEC names.
+
+Multiple choice (`loglikelihood`, task `vrp_text_synth_mc`). `loglikelihood` returns lm-eval's own
+(log-probability, is-greedy) tuples, so any multiple-choice task scores as with `--model hf`. The
+task's `process_results` makes each sample's record from those tuples (the prediction is lm-eval's,
+the argmax of the choices' log-likelihoods; confidence = softmax over the choices) and the
+aggregations call `probe.aggregate`: accuracy and calibration. No causal trace there: a
+loglikelihood response has no room for one.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m vrp_eval.lm`: run the importable module (it registers `vrp-lm` once)
+    import sys
+
+    from vrp_eval.lm import main
+
+    sys.exit(main())
+
+import dataclasses
+import typing
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from vrp_eval import harness
+from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: F401
+
+PAYLOAD_FORMAT = "vrp-eval/lm-record"
+
+#: The short-answer task's metrics beside `accuracy` (SPEC names; for a text model "image" reads
+#: "subject": `mean_image_attention_mass` is the attention mass on the subject sentence).
+RELIABILITY_METRICS: tuple[str, ...] = tuple(
+    name for name in harness.RELIABILITY_METRICS if not name.startswith("sharpness_heldout"))
+#: The multiple-choice task's metrics beside `accuracy`.
+CALIBRATION_METRICS: tuple[str, ...] = (
+    "n_samples", "mean_confidence", "ece", "ece_ci_low", "ece_ci_high", "mce", "ace", "brier",
+)
+_TASK_DECIDES = harness.TASK_DECIDES
+_LOAD_OPTIONS = ("device", "dtype", "revision", "trust_remote_code", "subject_end")
+
+
+def tasks_dir() -> Path:
+    """The folder of the `vrp_text_*` lm-eval task YAMLs (inside the installed package)."""
+    return Path(__file__).resolve().parent / "tasks_lm"
+
+
+# --------------------------------------------------------------------------------------------
+# The payload: a record inside the response string
+# --------------------------------------------------------------------------------------------
+
+def encode_response(answer: str, payload: dict[str, Any]) -> str:
+    """`answer` followed by `payload` between the vrp-record markers (`harness.encode_response`)."""
+    return harness.encode_response(answer, payload)
+
+
+def decode_response(text: str) -> tuple[str, dict[str, Any] | None]:
+    """(plain answer, payload or None) of a response; None for any model other than `vrp-lm`."""
+    return harness.decode_response(text, PAYLOAD_FORMAT)
+
+
+# --------------------------------------------------------------------------------------------
+# Model arguments
+# --------------------------------------------------------------------------------------------
+
+def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any], str]:
+    """(model id, ProbeSettings, load_text_model keywords, answer field) from `--model_args`
+    plus lm-eval's batch_size / device. ProbeSettings fields keep their names; lists as `a;b`."""
+    from vrp_eval.probe import ProbeSettings
+    from vrp_eval.textlm import TEXT_SIGNALS, TINY_TEXT_LLAMA
+
+    args = {k: v for k, v in args.items() if v is not None}
+    model_id = str(args.pop("pretrained", TINY_TEXT_LLAMA.name))
+    answer_field = str(args.pop("answer_field", "answer"))
+    args.pop("max_batch_size", None)
+    if str(args.get("batch_size", "")).startswith("auto"):
+        args.pop("batch_size")
+    load_kwargs = {name: args.pop(name) for name in _LOAD_OPTIONS if name in args}
+    if str(load_kwargs.get("device", "")).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # lm-eval's CLI asks for cuda by default
+            load_kwargs["device"] = "cpu"
+    if "dtype" in load_kwargs:
+        load_kwargs["dtype"] = str(load_kwargs["dtype"])
+    hints = typing.get_type_hints(ProbeSettings)
+    settings: dict[str, Any] = {"signals": TEXT_SIGNALS}
+    for name, value in args.items():
+        if name in _TASK_DECIDES:
+            raise ValueError(f"model argument {name!r} is set by lm-eval ({_TASK_DECIDES[name]}), not by --model_args")
+        if name not in hints:
+            raise ValueError(
+                f"unknown model argument {name!r} for --model vrp-lm; use pretrained=<folder | tiny-text-llama | "
+                f"Hub id>, answer_field, loading options ({', '.join(_LOAD_OPTIONS)}) or probe options "
+                f"({', '.join(sorted(set(hints) - set(_TASK_DECIDES)))})")
+        try:
+            settings[name] = harness.coerce(value, hints[name], name)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model argument {name}={value!r}: {error}") from None
+    return model_id, ProbeSettings(**settings), load_kwargs, answer_field
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+@register_model("vrp-lm")
+class VRPLM(TemplateLM):
+    """lm-eval model `vrp-lm`: a text-only causal LM behind vrp-eval's probe engine.
+
+    `--model_args pretrained=<save_pretrained folder | tiny-text-llama | Hub id>,<option>=<value>,...`
+    with loading options (device, dtype, revision, trust_remote_code, subject_end: the text that ends
+    the subject sentence, default "."), `answer_field` (the doc field holding the reference answer,
+    default "answer"; it scores the knockout and corrupted runs of the circuit) and `ProbeSettings`'
+    fields (signals, layers, window, noise, noise_scale, n_noise, n_calibration, seed, n_bins,
+    n_bootstrap, ...; lists as `a;b;c`). `batch_size` is the probe's and the scoring batch size.
+    """
+
+    def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        from vrp_eval.textlm import load_text_model
+
+        if pretrained is not None:
+            kwargs["pretrained"] = pretrained
+        self._explicit = set(kwargs)
+        model_id, self.settings, load_kwargs, self.answer_field = parse_model_args(kwargs)
+        self.loaded = load_text_model(model_id, **load_kwargs)
+        self.tokenizer = self.loaded.processor
+        self._device = self.loaded.device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eot_token_id
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=True if add_special_tokens is None else add_special_tokens
+                              )["input_ids"]
+
+    # ---- multiple choice ------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """(sum of the continuation's token log-probabilities, whether greedy decoding gives it), in
+        batches of right-padded (context + continuation)[:-1]."""
+        import torch
+
+        model = self.loaded.model
+        pad = self.tokenizer.pad_token_id
+        out: list[tuple[float, bool]] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start:start + self.batch_size]
+            sequences = [(context + continuation)[:-1] for _, context, continuation in chunk]
+            length = max(len(s) for s in sequences)
+            ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), length), dtype=torch.long)
+            for row, sequence in enumerate(sequences):
+                ids[row, :len(sequence)] = torch.tensor(sequence)
+                mask[row, :len(sequence)] = 1
+            with torch.no_grad():
+                logprobs = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                                 ).logits.float().log_softmax(-1).cpu()
+            for row, (_, context, continuation) in enumerate(chunk):
+                positions = torch.arange(len(context) - 1, len(context) - 1 + len(continuation))
+                targets = torch.tensor(continuation)
+                rows = logprobs[row, positions]
+                out.append((float(rows[torch.arange(len(continuation)), targets].sum()),
+                            bool((rows.argmax(-1) == targets).all())))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError("vrp-lm scores multiple-choice (loglikelihood) and short-answer "
+                                  "(generate_until) tasks; perplexity tasks carry no answer to probe")
+
+    # ---- short answer ---------------------------------------------------------------------------
+    def _settings_for(self, task: str, gen_kwargs: dict[str, Any]):
+        changes: dict[str, Any] = {"dataset": task}
+        if "max_new_tokens" not in self._explicit:
+            tokens = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens"))
+            if tokens:
+                changes["max_new_tokens"] = int(tokens)
+        return dataclasses.replace(self.settings, **changes)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Probe every request (one `run_probe` per task, in document order) and answer with the plain
+        answer followed by the sample's record (module docstring)."""
+        from vrp_eval import __version__
+        from vrp_eval.probe import run_probe
+        from vrp_eval.textlm import text_example
+
+        by_task: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for position, request in enumerate(requests):
+            by_task[request.task_name][int(request.doc_id)].append(position)
+        responses: list[str | None] = [None] * len(requests)
+        for task, positions_of in by_task.items():
+            doc_ids = sorted(positions_of)
+            firsts = [requests[positions_of[doc_id][0]] for doc_id in doc_ids]
+            examples = [text_example(doc_id, request.args[0], _answer_of(request.doc, self.answer_field))
+                        for doc_id, request in zip(doc_ids, firsts)]
+            settings = self._settings_for(task, firsts[0].args[1])
+            if any(not example.answers for example in examples) and "circuit" in settings.signals:
+                # The circuit scores knockout answers against the reference: without one, leave it out.
+                settings = dataclasses.replace(settings, signals=tuple(s for s in settings.signals if s != "circuit"))
+            report = run_probe(self.loaded, settings, examples=examples, progress=not disable_tqdm)
+            state = {"windows": [list(w) for w in report.state.windows] if report.state else [],
+                     "circuit": list(report.state.circuit) if report.state and report.state.circuit else None,
+                     "control": list(report.state.control) if report.state and report.state.control else None}
+            for doc_id, request, record in zip(doc_ids, firsts, report.records):
+                answer = _cut(record.answer, request.args[1].get("until"))
+                text = encode_response(answer, {
+                    "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id,
+                    "model": {"model_name": self.loaded.model_name, "model_sha": self.loaded.model_sha,
+                              "model_dtype": self.loaded.dtype, "model_family": self.loaded.family,
+                              "vrp_eval_version": __version__},
+                    "settings": settings.to_dict(), "state": state, "record": dataclasses.asdict(record)})
+                for position in positions_of[doc_id]:
+                    responses[position] = text
+        return responses  # type: ignore[return-value]
+
+
+def _answer_of(doc: dict[str, Any], field: str) -> str | None:
+    value = doc.get(field)
+    return None if value is None or isinstance(value, (list, dict)) else str(value)
+
+
+def _cut(answer: str, until: Any) -> str:
+    for stop in ([until] if isinstance(until, str) else list(until or [])):
+        if stop:
+            answer = answer.split(stop)[0]
+    return answer
+
+
+# --------------------------------------------------------------------------------------------
+# Task side: per-sample values and the aggregations
+# --------------------------------------------------------------------------------------------
+
+RecordSample = harness.RecordSample
+
+
+def generate_process_results(doc: dict[str, Any], results: list[str], *, answer_field: str = "answer"
+                             ) -> dict[str, Any]:
+    """Short answer: `accuracy` = exact match of the plain answer (vrp-eval's scorer, as the record's
+    `score`), and the sample's record for every reliability metric."""
+    from vrp_eval import vqa
+
+    answer, payload = decode_response(results[0])
+    score = float(vqa.exact_match(answer, [str(doc[answer_field])]))
+    sample = RecordSample(payload["doc_id"] if payload else None, score, payload)
+    return {"accuracy": score, **{name: sample for name in RELIABILITY_METRICS}}
+
+
+def choice_record(question_id: Any, question: str, choices: list[str], gold: int, loglikelihoods: list[float]):
+    """The `SampleRecord` of a multiple-choice answer: the prediction is the choice with the largest
+    log-likelihood (lm-eval's `acc`), confidence its softmax probability over the choices."""
+    import numpy as np
+
+    from vrp_eval import statistics
+    from vrp_eval.probe import SampleRecord
+
+    lls = np.asarray(loglikelihoods, dtype=float)
+    probs = np.exp(lls - lls.max())
+    probs /= probs.sum()
+    pred = int(np.argmax(lls))
+    score = float(pred == gold)
+    confidence = float(probs[pred])
+    return SampleRecord(
+        question_id=question_id, question=question, answer=choices[pred], score=score, confidence=confidence,
+        confidence_product=confidence, confidence_first_token=confidence, confidence_length_norm=confidence,
+        token_probs=[], reference=choices[gold], kind="mc",
+        option_probs={str(c): float(p) for c, p in zip(choices, probs)},
+        reliability=float(statistics.reliability([confidence], [score])[0]),
+        overconfidence=float(statistics.overconfidence([confidence], [score])[0]),
+    )
+
+
+def choice_process_results(doc: dict[str, Any], results: list[tuple[float, bool]], *,
+                           choices_field: str = "choices", label_field: str = "label",
+                           question_field: str = "question") -> dict[str, Any]:
+    """Multiple choice: `accuracy` as lm-eval's `acc`, and the record for every calibration metric."""
+    record = choice_record(doc.get("question_id"), str(doc.get(question_field, "")), list(doc[choices_field]),
+                           int(doc[label_field]), [float(ll) for ll, _ in results])
+    sample = RecordSample(None, record.score, {"format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION,
+                                               "record": dataclasses.asdict(record)})
+    return {"accuracy": record.score, **{name: sample for name in CALIBRATION_METRICS}}
+
+
+records_from_payloads = harness.records_from_payloads
+
+
+def _warn_no_record() -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "vrp-eval: the responses carry no vrp-eval record, so the reliability metrics are NaN; run with "
+        "`python -m vrp_eval.lm --model vrp-lm --model_args pretrained=...` to compute them")
+
+
+#: `probe.aggregate` of one task's samples, computed once and shared by every metric.
+summarise = harness.Summaries(lambda samples: harness.aggregate_probed(samples, _warn_no_record))
+reliability_aggregation = summarise.aggregation
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+# --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vrp_eval.lm <lm-eval arguments>`: lm-eval's CLI with `vrp-lm` registered and the
+    `vrp_text_*` tasks on the include path."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(tasks_dir())]
+    sys.argv = ["lm-eval", *args]
+    cli_evaluate()
+    return 0
