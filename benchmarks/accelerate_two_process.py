@@ -91,7 +91,7 @@ def main() -> int:
     for name in one:
         diff = _difference(one[name], two.get(name))
         worst = max(worst, diff)
-        print(f"{name.ljust(width)}  {str(one[name]):>22}  {str(two.get(name)):>22}  {diff:.2e}")
+        print(f"{name.ljust(width)}  {one[name]!s:>22}  {two.get(name)!s:>22}  {diff:.2e}")
     print(f"\nlargest difference: {worst:.3e}   wall time 2 processes / 1 process: {t_two / t_one:.2f} "
           f"({t_two:.1f} s / {t_one:.1f} s, {args.limit} samples)")
     return 0 if worst <= 1e-6 else 1

@@ -4,18 +4,19 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vrp_eval.calibration import ace
-from vrp_eval.calibration import bin_indices
-from vrp_eval.calibration import brier
-from vrp_eval.calibration import calibration_summary
-from vrp_eval.calibration import ece
-from vrp_eval.calibration import ece_bootstrap_ci
-from vrp_eval.calibration import mce
-from vrp_eval.calibration import reliability_bins
+from vrp_eval.calibration import (
+    ace,
+    bin_indices,
+    brier,
+    calibration_summary,
+    ece,
+    ece_bootstrap_ci,
+    mce,
+    reliability_bins,
+)
 
 # ----------------------------------------------------------------- hand computations on bin edges
 

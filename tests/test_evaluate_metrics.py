@@ -12,10 +12,12 @@ import yaml
 
 evaluate = pytest.importorskip("evaluate")
 
-from vrp_eval.calibration import calibration_summary  # noqa: E402
-from vrp_eval.statistics import attention_confidence_summary  # noqa: E402
-from vrp_eval.statistics import causal_drop_summary  # noqa: E402
-from vrp_eval.vqa import vqa_accuracy  # noqa: E402
+from vrp_eval.calibration import calibration_summary
+from vrp_eval.statistics import (
+    attention_confidence_summary,
+    causal_drop_summary,
+)
+from vrp_eval.vqa import vqa_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = REPO / "metrics"

@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from vrp_eval.statistics import UndefinedStatisticWarning
-from vrp_eval.statistics import attention_confidence_summary
-from vrp_eval.statistics import bootstrap_ci
-from vrp_eval.statistics import causal_drop
-from vrp_eval.statistics import causal_drop_summary
-from vrp_eval.statistics import overconfidence
-from vrp_eval.statistics import pearson
-from vrp_eval.statistics import reliability
-from vrp_eval.statistics import spearman
+from vrp_eval.statistics import (
+    UndefinedStatisticWarning,
+    attention_confidence_summary,
+    bootstrap_ci,
+    causal_drop,
+    causal_drop_summary,
+    overconfidence,
+    pearson,
+    reliability,
+    spearman,
+)
 
 ATTN_KEYS = {
     f"{name}{suffix}"

@@ -3,10 +3,7 @@ import copy
 
 import pytest
 
-from vrp_eval.vqa import exact_match
-from vrp_eval.vqa import normalize_answer
-from vrp_eval.vqa import option_match
-from vrp_eval.vqa import vqa_accuracy
+from vrp_eval.vqa import exact_match, normalize_answer, option_match, vqa_accuracy
 
 TRICKY_PREDICTIONS = [
     "Two.", "the 2 dogs", "yes!", "don't", "dont", "Yes", "2", "two dogs", "2.5", "3,000", "3000",

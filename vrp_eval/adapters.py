@@ -6,7 +6,8 @@ offsets), how to phrase a prompt, and whether the prefix attends bidirectionally
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -26,23 +26,25 @@ from typing import Any
 
 import numpy as np
 
-from vrp_eval.statistics import ArrayLike
-from vrp_eval.statistics import as_unit_interval_array
-from vrp_eval.statistics import bootstrap_ci
-from vrp_eval.statistics import check_same_length
+from vrp_eval.statistics import (
+    ArrayLike,
+    as_unit_interval_array,
+    bootstrap_ci,
+    check_same_length,
+)
 
 __all__ = [
     "DEFAULT_N_BINS",
-    "validate_inputs",
+    "ace",
     "bin_edges",
     "bin_indices",
-    "ece",
-    "mce",
-    "ace",
     "brier",
-    "reliability_bins",
-    "ece_bootstrap_ci",
     "calibration_summary",
+    "ece",
+    "ece_bootstrap_ci",
+    "mce",
+    "reliability_bins",
+    "validate_inputs",
 ]
 
 DEFAULT_N_BINS = 15

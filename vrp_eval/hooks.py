@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 IMPLEMENTATION = "vrp"
 
-_ACTIVE: contextvars.ContextVar[tuple["_Scope", ...]] = contextvars.ContextVar("vrp_attention_scopes", default=())
+_ACTIVE: contextvars.ContextVar[tuple[_Scope, ...]] = contextvars.ContextVar("vrp_attention_scopes", default=())
 
 
 class AttentionHook:

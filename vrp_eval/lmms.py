@@ -24,19 +24,20 @@ it adds `tasks_dir()` to every TaskManager's include paths (after the built-in t
 """
 from __future__ import annotations
 
-from vrp_eval import __version__
-
 import dataclasses
 import functools
 import os
 import threading
 import typing
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+
+from vrp_eval import __version__
 
 
-def MANIFESTS():  # noqa: N802 (the entry point's name, see pyproject.toml)
+def MANIFESTS():
     """The `lmms_eval.models` entry point: model `vrp`.
 
     A callable (lmms-eval's loader accepts one) defined before this module imports lmms-eval:
@@ -46,12 +47,11 @@ def MANIFESTS():  # noqa: N802 (the entry point's name, see pyproject.toml)
     return [ModelManifest(model_id="vrp", simple_class_path="vrp_eval.lmms.VRP")]
 
 
-from lmms_eval.api.model import lmms  # noqa: E402
+from lmms_eval.api.model import lmms
 
-from vrp_eval.data import Example  # noqa: E402
-
-from vrp_eval import harness  # noqa: E402
-from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: E402,F401
+from vrp_eval import harness
+from vrp_eval.data import Example
+from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: F401
 
 PAYLOAD_FORMAT = "vrp-eval/lmms-record"
 

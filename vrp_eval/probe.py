@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -23,7 +24,6 @@ from vrp_eval.adapters import DEFAULT_POST_PROMPT
 from vrp_eval.data import DataError, Example, load_examples, load_image
 from vrp_eval.generation import AnswerOutput, generate_answers
 from vrp_eval.loading import LoadedModel
-
 
 SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens", "consistency")
 DEFAULT_SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens")
@@ -207,7 +207,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
     """Pass 1 for a batch: clean answers and confidences, attention signals, causal trace, knockouts."""
     from vrp_eval import statistics
 
-    batch, groups = _encode(loaded, examples, settings)
+    batch, _groups = _encode(loaded, examples, settings)
     signals = set(settings.signals)
     recorder = None
     hooks = []

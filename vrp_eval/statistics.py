@@ -27,19 +27,19 @@ import numpy as np
 ArrayLike = Sequence[float] | np.ndarray
 
 __all__ = [
-    "UndefinedStatisticWarning",
     "PearsonResult",
+    "UndefinedStatisticWarning",
     "as_float_array",
     "as_unit_interval_array",
-    "check_same_length",
-    "pearson",
-    "spearman",
-    "reliability",
-    "overconfidence",
-    "causal_drop",
-    "bootstrap_ci",
     "attention_confidence_summary",
+    "bootstrap_ci",
+    "causal_drop",
     "causal_drop_summary",
+    "check_same_length",
+    "overconfidence",
+    "pearson",
+    "reliability",
+    "spearman",
 ]
 
 # Keep the (n_resamples x n_samples) index matrix of one bootstrap chunk around 16 MB.

@@ -34,7 +34,7 @@ import functools
 import re
 from collections.abc import Sequence
 
-__all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "option_match"]
+__all__ = ["exact_match", "normalize_answer", "option_match", "vqa_accuracy"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -39,11 +39,12 @@ def _load(path: str, lmms_task: str | None) -> dict:
     """Our results file as it is; an lmms-eval results file converted through its samples log (the
     same conversion as `vrp-eval run --from-lmms`), so lmms-eval runs reach the leaderboard."""
     import json
+    from pathlib import Path
 
     from vrp_eval.results import SCHEMA, build_results, read_results
 
     try:
-        head = json.loads(open(path, encoding="utf-8").read())
+        head = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         head = None
     if isinstance(head, dict) and head.get("schema") != SCHEMA and "lmms_eval_version" in head:

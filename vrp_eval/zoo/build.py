@@ -143,7 +143,11 @@ def build_processor(words: list[str], family: str, spec: TinySpec | None = None)
         image_processor.image_seq_length = (size // spec.patch_size) ** 2
         return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     if family == "qwen2vl":
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+        from transformers import (
+            Qwen2VLImageProcessor,
+            Qwen2VLProcessor,
+            Qwen2VLVideoProcessor,
+        )
 
         image_processor = Qwen2VLImageProcessor(
             patch_size=spec.qwen_patch_size, merge_size=2, temporal_patch_size=2,
