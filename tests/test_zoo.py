@@ -55,7 +55,10 @@ def test_zoo_model_reaches_its_stated_accuracy_and_uses_the_image(name, validati
     # Chance on this data is about 0.3 (yes/no, left/right, 3 shapes, 4 colours, 5 counts): the models
     # answer from the image, and a blank image costs them most of their accuracy.
     assert accuracy > 0.45
-    # Measured on this slice: tiny-llava 0.70 vs 0.37 blank, tiny-paligemma 0.60 vs 0.40, tiny-qwen2vl 0.52 vs 0.41.
+    if name == "tiny-llava":
+        # The foundation issue's bar for the default model: at least 0.80 on validation (report: 0.822).
+        assert report["val_exact_match"] >= 0.80 and accuracy >= 0.75, (report["val_exact_match"], accuracy)
+    # Measured on this slice: tiny-llava 0.81 vs 0.39 blank, tiny-paligemma 0.60 vs 0.40, tiny-qwen2vl 0.52 vs 0.41.
     assert _exact_match(loaded, validation_slice, blank=True) < accuracy - 0.10
 
 
