@@ -37,7 +37,7 @@ from typing import Any
 from vrp_eval import __version__
 
 
-def MANIFESTS():
+def MANIFESTS():  # upper case: the entry point's name in pyproject.toml
     """The `lmms_eval.models` entry point: model `vrp`.
 
     A callable (lmms-eval's loader accepts one) defined before this module imports lmms-eval:

@@ -173,9 +173,7 @@ def _encode(loaded: LoadedModel, examples: list[Example], settings: ProbeSetting
     adapter = loaded.adapter
     images = [load_image(e) for e in examples]
     prompts = [adapter.build_prompt(e.prompt_text(settings.post_prompt)) for e in examples]
-    batch = adapter.encode(images, prompts)
-    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
-    return batch, groups
+    return adapter.encode(images, prompts)
 
 
 def _select(batch, rows: list[int]):
@@ -207,7 +205,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
     """Pass 1 for a batch: clean answers and confidences, attention signals, causal trace, knockouts."""
     from vrp_eval import statistics
 
-    batch, _groups = _encode(loaded, examples, settings)
+    batch = _encode(loaded, examples, settings)
     signals = set(settings.signals)
     recorder = None
     hooks = []
@@ -284,7 +282,7 @@ def heldout_batch(loaded: LoadedModel, examples: list[Example], records: list[Sa
     """Pass 2 for held-out samples: corrupt the image states inside the circuit (and the control window)."""
     from vrp_eval.tracing import corrupted_answers
 
-    batch, _ = _encode(loaded, examples, settings)
+    batch = _encode(loaded, examples, settings)
     hooks = []
     recorder = None
     if set(settings.signals) & {"attention", "structural"}:
@@ -343,7 +341,7 @@ def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: Probe
     state.windows = knockout_windows(num_layers, width)
     calibration = (calibration if calibration is not None else examples)[: settings.n_calibration]
     encoded = [_encode(loaded, chunk, settings) for chunk in _batches(calibration, settings.batch_size)]
-    state.sigma = estimate_sigma(loaded, [b for b, _ in encoded])
+    state.sigma = estimate_sigma(loaded, encoded)
     return state
 
 
