@@ -36,17 +36,23 @@ def sharpen(model) -> None:
         last.weight.mul_(8.0)
 
 
-def tiny_loaded(family: str, num_layers: int = NUM_LAYERS, seed: int = 3) -> LoadedModel:
+def tiny_loaded(family: str, num_layers: int = NUM_LAYERS, seed: int = 3, dtype: torch.dtype = torch.float32) -> LoadedModel:
     torch.manual_seed(0)
     model, processor = build_tiny(family, WORDS, TinySpec(num_layers=num_layers), seed=seed)
     sharpen(model)
+    model.to(dtype)
     return LoadedModel(model=model, processor=processor, adapter=adapter_for(model, processor),
-                       model_name=f"tiny-{family}", model_path="", model_sha="", dtype="float32")
+                       model_name=f"tiny-{family}", model_path="", model_sha="", dtype=str(dtype).removeprefix("torch."))
 
 
 def encode(loaded, questions=QUESTIONS, seed=0):
+    """An encoded batch; floating inputs (pixels) in the model's dtype."""
     adapter = loaded.adapter
-    return adapter.encode(images(len(questions), seed=seed), [adapter.build_prompt(q) for q in questions])
+    batch = adapter.encode(images(len(questions), seed=seed), [adapter.build_prompt(q) for q in questions])
+    dtype = loaded.model.dtype
+    if dtype == torch.float32:
+        return batch
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
 
 def all_hooks(module: torch.nn.Module) -> int:

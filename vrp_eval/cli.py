@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("vrp_eval.commands.push", "push a results file to a Hub results dataset"),
     "card": ("vrp_eval.commands.card", "write model-index metadata for a model card"),
     "tasks-dir": ("vrp_eval.commands.tasks_dir", "print the folder of the lmms-eval task YAMLs (for --include_path)"),
+    "space": ("vrp_eval.commands.space", "the evaluate metrics and the leaderboard as Hub Spaces: path, build, publish"),
 }
 
 

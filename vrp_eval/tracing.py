@@ -204,7 +204,8 @@ def _head_probs(loaded, hidden_last: torch.Tensor) -> torch.Tensor:
     from vrp_eval.attention import _final_norm
 
     adapter = loaded.adapter
-    logits = loaded.model.get_output_embeddings()(_final_norm(adapter)(hidden_last)).float()
+    logits = loaded.model.get_output_embeddings()(_final_norm(adapter)(hidden_last))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     softcap = getattr(adapter.text_config, "final_logit_softcapping", None)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
@@ -328,8 +329,10 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
     max_rows = settings.max_rows or (16 if device.type == "cpu" else 256)
     embed_sigma = sigma.embedding["image"] if sigma is not None else None
     n_noise = settings.noise_samples()
-    p_corrupted = torch.zeros(n_noise, n_rows, device=device)
-    p_restored = {g: torch.full((n_noise, num_layers, n_rows), float("nan"), device=device) for g in settings.groups}
+    prob_dtype = torch.promote_types(loaded.model.dtype, torch.float32)  # as `_head_probs` returns them
+    p_corrupted = torch.zeros(n_noise, n_rows, device=device, dtype=prob_dtype)
+    p_restored = {g: torch.full((n_noise, num_layers, n_rows), float("nan"), device=device, dtype=prob_dtype)
+                  for g in settings.groups}
     for k in range(n_noise):
         corruption = EmbeddingCorruption(adapter, masks["image"], settings.kind, settings.scale, embed_sigma,
                                          seed=settings.seed, noise_index=k)

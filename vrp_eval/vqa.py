@@ -25,23 +25,47 @@ report the same number:
 - Leave-one-out is by position, so duplicate human answers are each left out once (the official
   script compares answer dicts that differ by `answer_id`, which amounts to the same).
 
-lmms-eval is imported lazily (the import pulls in torch and takes seconds) and the processor is
-built once.
+The processor's module is loaded from its file, not through `import lmms_eval` (which pulls in
+torch and takes seconds): the module itself needs only `re`. Where lmms-eval is not installed (a
+metric Space built by `vrp-eval space build`, which carries a copy of that one MIT-licensed file
+beside this module), the copy is used. The processor is built once.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["exact_match", "normalize_answer", "option_match", "vqa_accuracy"]
 
 
+#: lmms-eval's answer-processor module, relative to the lmms_eval package folder.
+UPSTREAM_PROCESSOR = Path("tasks", "_task_utils", "vqa_eval_metric.py")
+#: The copy a slim Space carries beside this module (see vrp_eval.spaces).
+VENDORED_PROCESSOR = Path(__file__).with_name("_lmms_eval_vqa_eval_metric.py")
+
+
+def upstream_processor_file() -> Path | None:
+    """lmms-eval's `vqa_eval_metric.py` where lmms-eval is installed (found without importing it)."""
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / UPSTREAM_PROCESSOR
+    return path if path.is_file() else None
+
+
 @functools.lru_cache(maxsize=1)
 def _answer_processor():
-    from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
-
-    return EvalAIAnswerProcessor()
+    path = upstream_processor_file() or (VENDORED_PROCESSOR if VENDORED_PROCESSOR.is_file() else None)
+    if path is None:
+        raise ImportError("the VQAv2 answer normalisation comes from lmms-eval, which is not installed: "
+                          "`pip install vrp-eval` (or `pip install lmms-eval`).")
+    spec = importlib.util.spec_from_file_location("_vrp_vqa_eval_metric", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EvalAIAnswerProcessor()
 
 
 def normalize_answer(s: str) -> str:
