@@ -22,6 +22,8 @@ from vrp_eval.calibration import (
 
 # n_bins=10. Guo (lo, hi]: {0.0, 0.05, 0.1} | {0.15} | {0.95, 1.0}. Under [lo, hi) the 0.1 would
 # join 0.15 and the 1.0 would sit alone, giving ECE 0.375 instead: the convention matters here.
+# The hand values below are float64 sums and means of a few short decimals: they agree up to a few
+# ulp (measured <= 2e-16), so 1e-12 is float64 round-off with room, far below any binning mistake.
 EDGE_CONF = [0.05, 0.1, 0.15, 0.0, 1.0, 0.95]
 EDGE_SCORE = [1, 0, 0, 0, 0, 1]
 
@@ -44,11 +46,11 @@ def test_ace_sorts_and_splits_into_equal_mass_groups():
 def test_ace_sort_is_stable_for_tied_confidences():
     # stable order keeps (1, 1) together and (0, 0) together: two gaps of 1 -> 0.5 (an unstable
     # sort could pair them as (1, 0) (1, 0) and report 0)
-    assert ace([0.5, 0.5, 0.5, 0.5], [1, 1, 0, 0], n_bins=2) == pytest.approx(0.5)
+    assert ace([0.5, 0.5, 0.5, 0.5], [1, 1, 0, 0], n_bins=2) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_ace_with_fewer_samples_than_bins_skips_empty_groups():
-    assert ace([0.2, 0.9], [0, 1], n_bins=15) == pytest.approx((0.2 + 0.1) / 2)
+    assert ace([0.2, 0.9], [0, 1], n_bins=15) == pytest.approx((0.2 + 0.1) / 2, abs=1e-12)
 
 
 def test_bin_indices_follow_guo_convention_for_15_bins():
@@ -60,11 +62,11 @@ def test_bin_indices_follow_guo_convention_for_15_bins():
 def test_reliability_bins_table_on_bin_edges():
     bins = reliability_bins(EDGE_CONF, EDGE_SCORE, n_bins=10)
     assert [b["count"] for b in bins] == [3, 1, 0, 0, 0, 0, 0, 0, 0, 2]
-    assert bins[0]["mean_confidence"] == pytest.approx(0.05)
-    assert bins[0]["mean_score"] == pytest.approx(1 / 3)
+    assert bins[0]["mean_confidence"] == pytest.approx(0.05, abs=1e-12)  # (0.05 + 0.1 + 0) / 3 in float64
+    assert bins[0]["mean_score"] == pytest.approx(1 / 3, abs=1e-12)
     assert bins[9] == {"lo": 0.9, "hi": 1.0, "count": 2, "mean_confidence": 0.975, "mean_score": 0.5}
     assert bins[2]["mean_confidence"] is None and bins[2]["mean_score"] is None
-    assert [b["lo"] for b in bins] == pytest.approx([i / 10 for i in range(10)])
+    assert [b["lo"] for b in bins] == [i / 10 for i in range(10)]  # exact: the edges are the same divisions b / 10
 
 
 def test_fractional_scores_hand_computation():
@@ -72,7 +74,7 @@ def test_fractional_scores_hand_computation():
     # (0.6667, 0.7333]: 0.68 against 0. ECE = (0.02 + 0.68) / 4.
     conf, score = [0.62, 0.66, 0.64, 0.68], [0.3, 0.6, 1.0, 0.0]
     assert ece(conf, score, n_bins=15) == pytest.approx(0.175, abs=1e-12)
-    assert brier(conf, score) == pytest.approx(np.mean((np.array(conf) - np.array(score)) ** 2))
+    assert brier(conf, score) == np.mean((np.array(conf) - np.array(score)) ** 2)  # exact: the same float64 ops
 
 
 # ----------------------------------------------------------------- oracle libraries
@@ -98,8 +100,10 @@ def test_ece_and_mce_match_torchmetrics_off_edges(seed):
     expected_ece = binary_calibration_error(preds, target, n_bins=15, norm="l1").item()
     expected_mce = binary_calibration_error(preds, target, n_bins=15, norm="max").item()
     assert expected_ece > 0.02  # a miscalibrated sample, so agreement is not agreement on zero
-    assert ece(conf, correct) == pytest.approx(expected_ece, rel=1e-9)
-    assert mce(conf, correct) == pytest.approx(expected_mce, rel=1e-9)
+    # Off the edges both bin alike; torchmetrics sums the same float64 values in another order, which
+    # moves a sum of n = 1500 terms by at most ~n * eps = 2e-13 relative (measured <= 2e-16).
+    assert ece(conf, correct) == pytest.approx(expected_ece, rel=1e-12)
+    assert mce(conf, correct) == pytest.approx(expected_mce, rel=1e-12)
 
 
 @pytest.mark.parametrize("n_bins", [10, 15])
@@ -109,13 +113,17 @@ def test_ece_matches_netcal_off_edges(n_bins):
     conf, correct = _off_edge_inputs(7, 1000, n_bins)
     expected = ECE(bins=n_bins).measure(conf, correct)
     assert expected > 0.02
-    assert ece(conf, correct, n_bins=n_bins) == pytest.approx(expected, rel=1e-9)
+    # netcal clips confidences to [eps, 1 - eps] with eps = 2.2e-16, which leaves these (0.003 to
+    # 0.999) alone; what remains is float64 summation order over n = 1000: <= ~n * eps = 1e-13
+    # relative (measured <= 3e-16).
+    assert ece(conf, correct, n_bins=n_bins) == pytest.approx(expected, rel=1e-12)
 
 
 def test_brier_matches_sklearn():
     from sklearn.metrics import brier_score_loss
 
     conf, correct = _off_edge_inputs(3, 500)
+    # float64 mean of the same 500 squares, perhaps summed in another order (measured exact)
     assert brier(conf, correct) == pytest.approx(brier_score_loss(correct, conf), rel=1e-12)
 
 
@@ -131,6 +139,8 @@ def test_ece_lies_in_unit_interval_and_below_mce_and_root_brier(pairs, n_bins):
     conf, score = map(list, zip(*pairs))
     value = ece(conf, score, n_bins=n_bins)
     assert 0.0 <= value <= 1.0
+    # The inequalities hold exactly in real arithmetic; 1e-12 absorbs float64 round-off of sums of at
+    # most n = 60 values in [0, 1] (<= n^2 eps = 4e-13 before dividing by n, far less after).
     assert value <= mce(conf, score, n_bins=n_bins) + 1e-12
     # Jensen: the binned gap cannot exceed the root mean squared per-sample gap
     assert value**2 <= brier(conf, score) + 1e-12
@@ -144,6 +154,7 @@ def test_ece_mce_brier_invariant_under_permutation(pairs, random):
     shuffled = pairs[:]
     random.shuffle(shuffled)
     conf2, score2 = map(list, zip(*shuffled))
+    # A permutation only reorders float64 sums of <= 60 values in [0, 1]: round-off, not logic.
     assert ece(conf2, score2) == pytest.approx(ece(conf, score), abs=1e-12)
     assert mce(conf2, score2) == pytest.approx(mce(conf, score), abs=1e-12)
     assert brier(conf2, score2) == pytest.approx(brier(conf, score), abs=1e-12)
@@ -165,6 +176,8 @@ def calibrated_pairs(draw):
 @given(calibrated_pairs(), st.integers(min_value=1, max_value=20))
 def test_ece_is_zero_when_every_bin_is_calibrated(data, n_bins):
     conf, score = data
+    # Zero in real arithmetic; (c + d) + (c - d) differs from 2c by float64 round-off only, a few ulp
+    # per pair over <= 30 pairs.
     assert ece(conf, score, n_bins=n_bins) == pytest.approx(0.0, abs=1e-12)
     assert mce(conf, score, n_bins=n_bins) == pytest.approx(0.0, abs=1e-12)
 
@@ -178,6 +191,8 @@ def test_ece_bootstrap_matches_a_plain_resampling_loop():
     resampled = [ece(conf[rows], correct[rows]) for rows in rng.integers(0, 200, size=(300, 200))]
     expected = np.percentile(resampled, [2.5, 97.5])
     low, high = ece_bootstrap_ci(conf, correct, n_bootstrap=300, seed=5)
+    # The same resamples and per-bin sums; only the vectorised 15-term sum per resample may be ordered
+    # differently: float64 round-off (measured exact).
     assert (low, high) == pytest.approx(tuple(expected), abs=1e-12)
     assert low < ece(conf, correct) < high
 
@@ -210,7 +225,7 @@ def test_calibration_summary_keys_types_and_json():
 def test_calibration_summary_without_bootstrap_gives_nan_ci():
     summary = calibration_summary([0.3, 0.8], [0, 1], n_bootstrap=0)
     assert math.isnan(summary["ece_ci_low"]) and math.isnan(summary["ece_ci_high"])
-    assert summary["ece"] == pytest.approx((0.3 + 0.2) / 2)
+    assert summary["ece"] == pytest.approx((0.3 + 0.2) / 2, abs=1e-12)  # float64 round-off of 2 sums
 
 
 # ----------------------------------------------------------------- bad input

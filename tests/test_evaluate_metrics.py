@@ -45,7 +45,9 @@ def _same(a, b):
         if isinstance(a[key], float) and math.isnan(a[key]):
             assert math.isnan(b[key]), key
         else:
-            assert a[key] == pytest.approx(b[key], rel=1e-12) if isinstance(a[key], float) else a[key] == b[key], key
+            # Exact by construction: the modules call the same core functions on float64 Arrow
+            # columns, which hold Python floats bit for bit (measured: identical).
+            assert a[key] == b[key], key
 
 
 def test_modules_load_offline_by_path(modules):
@@ -92,8 +94,8 @@ def test_vrp_vqa_accuracy_equals_the_core(modules):
     predictions = ["Two dogs!", "Yes", "blue"]
     result = modules["vrp_vqa_accuracy"].compute(predictions=predictions, references=humans)
     expected = sum(vqa_accuracy(p, h) for p, h in zip(predictions, humans)) / 3
-    assert result == {"accuracy": pytest.approx(expected)}
-    assert expected == pytest.approx((1.0 + 0.9 + 0.0) / 3)
+    assert result == {"accuracy": expected}  # exact: the module sums the core's scores the same way
+    assert expected == pytest.approx((1.0 + 0.9 + 0.0) / 3, abs=1e-12)  # float64 round-off of two means
 
 
 def test_combine_calibration_and_attention(modules, samples):
@@ -114,7 +116,7 @@ def test_combine_all_four(modules, samples):
     )
     assert result["accuracy"] == 1.0
     assert result["causal_acc_drop"] == 0.0
-    assert result["ece"] == pytest.approx(calibration_summary(conf, score, n_bootstrap=0)["ece"])
+    assert result["ece"] == calibration_summary(conf, score, n_bootstrap=0)["ece"]  # exact: same core call, same floats
     assert "attn_overconf_r_rho" in result and "bins" in result
 
 

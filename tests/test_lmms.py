@@ -77,7 +77,7 @@ def test_model_args_become_probe_settings_and_loading_options():
 @pytest.mark.parametrize("args, message", [
     ({"temperature": 0.5}, "unknown model argument 'temperature'"),
     ({"limit": 5}, "--limit"),
-    ({"n_noise": "many"}, "n_noise='many'"),
+    ({"n_noise": "many"}, r"n_noise \(--n-noise\) = 'many': must be an integer >= 1"),
 ])
 def test_bad_model_args_say_what_to_do(args, message):
     with pytest.raises(ValueError, match=message):
@@ -228,6 +228,10 @@ def test_lmms_eval_cli_reports_what_run_probe_computes(family, random_tiny_dirs,
 
 
 def _assert_close(got, expected, name):
+    """Equal, NaN equal to NaN (or JSON null). Exact by construction: the `vrp` backend runs this very
+    run_probe once per task on the same samples in dataset order, so the same batches through the same
+    kernels, with the same seeds; JSON keeps every float's repr. Measured: all 2864 numbers identical
+    in both families (also with two threads in this process against one in lmms-eval's)."""
     if isinstance(expected, dict):
         assert set(got) == set(expected), name
         for key in expected:
@@ -238,8 +242,6 @@ def _assert_close(got, expected, name):
             _assert_close(g, e, f"{name}[{i}]")
     elif isinstance(expected, float) and math.isnan(expected):
         assert got is None or (isinstance(got, float) and math.isnan(got)), (name, got)
-    elif isinstance(expected, (int, float)) and not isinstance(expected, bool):
-        assert got == pytest.approx(expected, abs=1e-6, rel=0), (name, got, expected)
     else:
         assert got == expected, (name, got, expected)
 

@@ -59,14 +59,29 @@ def test_position_groups_partition_the_prompt(loaded):
 
 def test_batched_generation_with_padding_equals_one_at_a_time(loaded):
     adapter = loaded.adapter
+
+    def encode(images, prompts):
+        batch = adapter.encode(images, prompts)
+        return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
     images, prompts = _images(), [adapter.build_prompt(q) for q in QUESTIONS]
-    batched = generate_answers(loaded, adapter.encode(images, prompts), max_new_tokens=4)
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        single = generate_answers(loaded, adapter.encode([image], [prompt]), max_new_tokens=4)[0]
-        assert single.token_ids == batched[i].token_ids
-        assert single.text == batched[i].text
-        assert single.confidence == pytest.approx(batched[i].confidence, abs=1e-5)
-        assert single.first_token_prob == pytest.approx(batched[i].first_token_prob, abs=1e-5)
+    # In float64, so that padding is tested, not round-off (in float32 padded and unpadded rows differ
+    # by up to 5.2e-7 relative after 8 layers and 4 steps). The float64 logits agree to ~1e-15
+    # (measured: identical), but generate_answers rounds them to float32 before its log-softmax, where
+    # a logit on a rounding boundary could still flip by 1 ulp (6e-8 at |z| < 1): <= 2 ulp per step on
+    # log p, <= 4.8e-7 relative over 4 steps, hence rel=1e-6. Relative, as these random-init
+    # confidences are 1e-12 to 1e-7. float32 -> float64 -> float32 is exact: the model is restored.
+    loaded.model.to(torch.float64)
+    try:
+        batched = generate_answers(loaded, encode(images, prompts), max_new_tokens=4)
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            single = generate_answers(loaded, encode([image], [prompt]), max_new_tokens=4)[0]
+            assert single.token_ids == batched[i].token_ids
+            assert single.text == batched[i].text
+            assert single.confidence == pytest.approx(batched[i].confidence, rel=1e-6, abs=0)
+            assert single.first_token_prob == pytest.approx(batched[i].first_token_prob, rel=1e-6, abs=0)
+    finally:
+        loaded.model.to(torch.float32)
 
 
 def test_confidence_is_the_product_of_answer_token_probabilities(loaded):
@@ -76,9 +91,10 @@ def test_confidence_is_the_product_of_answer_token_probabilities(loaded):
     expected = 1.0
     for p in out.token_probs:
         expected *= p
-    assert out.token_probs and out.confidence == pytest.approx(expected, rel=1e-6)
+    # float64 round-off: exp(sum of <= 3 logs) against their product, |log| <= 30 (measured 1.4e-15)
+    assert out.token_probs and out.confidence == pytest.approx(expected, rel=1e-12)
     assert 0.0 < out.confidence <= out.first_token_prob <= 1.0
-    assert out.confidence_length_norm == pytest.approx(expected ** (1 / len(out.token_probs)), rel=1e-6)
+    assert out.confidence_length_norm == pytest.approx(expected ** (1 / len(out.token_probs)), rel=1e-12)
 
 
 def test_unknown_hub_model_offline_names_the_fix():

@@ -123,10 +123,13 @@ def test_trace_of_the_planted_model(loaded, halves):
     ie = {g: np.mean([r.ie[g] for r in results], 0) for g in ("image", "text", "last")}
     gap = np.mean([r.p_clean - r.p_corrupted for r in results])
     assert gap > 0.05
+    # Exact in real arithmetic (zero o_proj outside the circuit); what is left is float32 round-off of
+    # probabilities near 0.99 (ulp 6e-8) from differently batched restoration runs: measured <= 1 ulp
+    # per sample and <= 1.1e-8 on these means. 1e-6 is ~16 ulp, 1e5 below the gap.
     np.testing.assert_allclose(ie["image"][5:], 0, atol=1e-6)  # nothing reads the image after layer 5
     np.testing.assert_allclose(ie["last"][:4], 0, atol=1e-6)  # the last position holds no image yet
-    np.testing.assert_allclose(ie["image"][:4], gap, atol=1e-5)  # full recovery before the circuit
-    np.testing.assert_allclose(ie["last"][5:], gap, atol=1e-5)  # full recovery after it
+    np.testing.assert_allclose(ie["image"][:4], gap, atol=1e-6)  # full recovery before the circuit
+    np.testing.assert_allclose(ie["last"][5:], gap, atol=1e-6)  # full recovery after it
     assert integration_layer(ie["last"], ie["image"]) == 5
 
 
@@ -192,7 +195,9 @@ def test_trained_tiny_llava_shows_a_real_effect():
     last = np.mean([t.ie["last"] for t in traces], 0)
     gap = np.mean([t.p_clean - t.p_corrupted for t in traces])
     # Exact by construction: the last layer's image states are read by nothing, and restoring the
-    # last layer's output at the last position restores the clean prediction.
-    assert abs(image[-1]) < 1e-6 and last[-1] == pytest.approx(gap, abs=1e-5)
+    # last layer's output at the last position restores the clean prediction. Up to float32 round-off
+    # of probabilities from differently batched runs: measured image 0 exactly, last - gap <= 9e-8
+    # per sample (~1 ulp) and 3e-9 on the mean of 64; 1e-6 leaves 10x on a single sample.
+    assert abs(image[-1]) < 1e-6 and last[-1] == pytest.approx(gap, abs=1e-6)
     assert image[0] > 0.05 and image[0] > image[-1] + 0.05 and last[-1] > last[0] + 0.05
     assert integration_layer(last, image) is not None

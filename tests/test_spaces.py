@@ -15,7 +15,14 @@ import yaml
 from sample_results import sample_results
 
 from vrp_eval.results import write_results
-from vrp_eval.spaces import LIGHT_MODULES, METRIC_NAMES, SPACE_NAMES, SpaceError, build_space, publish_spaces
+from vrp_eval.spaces import (
+    LIGHT_MODULES,
+    METRIC_NAMES,
+    SPACE_NAMES,
+    SpaceError,
+    build_space,
+    publish_spaces,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"

@@ -12,14 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-GROUPS = ("image", "text", "last", "all")
+from vrp_eval.errors import VrpError
 
 # lmms-eval's VQAv2 / OK-VQA prompts end with this line; our default prompt uses it too so that
 # `vrp-eval run` and `lmms-eval --model vrp` score the very same token sequences.
-DEFAULT_POST_PROMPT = "\nAnswer the question using a single word or phrase."
+from vrp_eval.options import DEFAULT_POST_PROMPT  # noqa: F401 (re-exported; its home is the options table)
+
+GROUPS = ("image", "text", "last", "all")
 
 
-class AdapterError(ValueError):
+class AdapterError(VrpError, ValueError):
     """A model that vrp-eval cannot probe as it is, with what to do about it."""
 
 

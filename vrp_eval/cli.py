@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,14 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
         "for Hugging Face vision-language models.",
     )
     parser.add_argument("--version", action="version", version=f"vrp-eval {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too "
+                                                              "(also VRP_EVAL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("VRP_EVAL_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Expected failures (vrp-eval's own errors: bad options, data, results files,
+    models, devices, the Hub; and file-system errors) become one line on stderr and exit code 2;
+    `--debug` (anywhere on the line) or VRP_EVAL_DEBUG=1 shows their traceback. Anything else is a
+    bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug(argv)
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
@@ -45,10 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    command_parser = argparse.ArgumentParser(prog=f"vrp-eval {name}", description=help_text)
+    command_parser = argparse.ArgumentParser(prog=f"vrp-eval {name}", description=help_text,
+                                             epilog="--debug (or VRP_EVAL_DEBUG=1) shows tracebacks of expected errors")
     module.configure(command_parser)
     args = command_parser.parse_args(argv[1:])
-    return int(module.main(args) or 0)
+    from vrp_eval.errors import VrpError
+    from vrp_eval.results import ResultsError
+
+    try:
+        return int(module.main(args) or 0)
+    except (VrpError, ResultsError, OSError) as error:
+        if debug:
+            raise
+        print(f"vrp-eval {name}: {error}", file=sys.stderr)
+        for note in getattr(error, "__notes__", ()):
+            print(f"vrp-eval {name}: {note}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,12 +14,14 @@ from typing import Any
 
 from PIL import Image
 
+from vrp_eval.errors import VrpError
+
 SYNTH_DATASETS = {"vrp-synth": "vqa", "vrp-synth-mc": "mc"}
 OPTION_LETTERS = "ABCDEFGHIJ"
 MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 
 
-class DataError(ValueError):
+class DataError(VrpError, ValueError):
     """Bad evaluation data, with what to do about it."""
 
 
@@ -148,7 +150,18 @@ def load_examples(dataset: str, split: str = "validation", limit: int | None = N
         except ValueError as error:
             raise DataError(f"{dataset}: {error}") from None
     elif Path(dataset).expanduser().exists():
-        rows = _load_local(Path(dataset).expanduser(), split)
+        try:
+            rows = _load_local(Path(dataset).expanduser(), split)
+        except DataError:
+            raise
+        except ValueError as error:
+            if "corresponds to no data" in str(error):  # datasets' words for an empty file or split
+                raise DataError(f"dataset {dataset!r} split {split!r} is empty: nothing to evaluate") from None
+            raise DataError(f"cannot read dataset {dataset!r} (split {split!r}): {error}") from None
+        except Exception as error:  # noqa: BLE001 - pyarrow / json parsers raise many types for a bad file
+            raise DataError(f"cannot read dataset {dataset!r} (split {split!r}): {type(error).__name__}: {error}. "
+                            "Use a parquet / json(l) file or a `save_to_disk` folder with `question`, `image` and "
+                            "an answer field") from None
     else:
         import datasets
 
@@ -165,7 +178,23 @@ def load_examples(dataset: str, split: str = "validation", limit: int | None = N
         rows = rows.select(range(min(limit, len(rows)))) if hasattr(rows, "select") else rows[:limit]
     if len(rows) == 0:
         raise DataError(f"dataset {dataset!r} split {split!r} is empty: nothing to evaluate")
-    return [to_example(dict(row), i) for i, row in enumerate(_iter_undecoded(rows))]
+    examples = [to_example(dict(row), i) for i, row in enumerate(_iter_undecoded(rows))]
+    check_unique_ids(examples, dataset)
+    return examples
+
+
+def check_unique_ids(examples: list[Example], dataset: str = "the dataset") -> None:
+    """Records, resume files and the discovery / held-out split are keyed by question id: two samples
+    with one id would silently overwrite each other, so duplicates are an error."""
+    seen: dict[Any, int] = {}
+    for example in examples:
+        seen[example.question_id] = seen.get(example.question_id, 0) + 1
+    repeated = {qid: n for qid, n in seen.items() if n > 1}
+    if repeated:
+        shown = ", ".join(f"{qid!r} x{n}" for qid, n in list(repeated.items())[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise DataError(f"{dataset}: question ids must be unique, but {len(repeated)} repeat ({shown}{more}); "
+                        "give every row its own `question_id` (or drop the column to number rows by position)")
 
 
 def _iter_undecoded(rows) -> Iterator[dict[str, Any]]:

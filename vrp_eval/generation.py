@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
+from vrp_eval.errors import VrpError
 from vrp_eval.loading import LoadedModel
+
+
+class ModelOutputError(VrpError, FloatingPointError):
+    """The model produced numbers no confidence can be computed from (NaN or infinite logits)."""
+
 
 
 @dataclass
@@ -72,7 +78,7 @@ def generate_answers(
     generated = out.sequences[:, prompt_len:]
     logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, steps, V)
     if not torch.isfinite(logprobs[:, 0]).all():
-        raise FloatingPointError(
+        raise ModelOutputError(
             "the model produced NaN or infinite logits for the first answer token; try dtype=float32 "
             "or check the weights (records computed so far are kept)"
         )

@@ -5,7 +5,8 @@ followed by the sample's record as JSON between markers (`encode_response`); the
 `process_results` splits it (`decode_response`), scores the plain answer and gives every
 reliability metric the sample's `RecordSample`; the aggregations rebuild the records
 (`records_from_payloads`) and call `probe.aggregate` once per task (`Summaries`). Model arguments
-arrive as text and become `ProbeSettings` fields through `coerce`.
+arrive as text and become `ProbeSettings` fields through `vrp_eval.options` (one parser for the CLI,
+lmms-eval and lm-eval).
 
 Nothing here imports a harness, so both glue modules (and `vrp-eval run --from-lmms`) use it.
 """
@@ -16,8 +17,6 @@ import hashlib
 import json
 import math
 import threading
-import types
-import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -86,57 +85,6 @@ def strip_quotes(value: Any) -> Any:
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     return value
-
-
-def coerce(value: Any, hint: Any, name: str) -> Any:
-    """`value` (as the harness's argument parser left it) converted to the type `hint`; lists as
-    `a;b`, `a+b` or `[a,b]`."""
-    value = strip_quotes(value)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() == "none")):
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return coerce(value, option, name)
-            except (TypeError, ValueError) as error:
-                errors.append(str(error))
-        raise ValueError("; ".join(errors))
-    if origin in (list, tuple, set, frozenset):
-        if isinstance(value, str):
-            text = value.strip().strip("[]()")
-            items = text.replace(";", " ").replace("+", " ").replace(",", " ").split()
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [value]
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis] or [str]
-        converted = [coerce(item, args[0] if len(args) == 1 or origin is not tuple else args[i], name)
-                     for i, item in enumerate(items)]
-        return origin(converted)
-    if hint is Any or hint is object:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name} takes true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{name} takes an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        return float(value)
-    if hint is str:
-        return str(value)
-    if isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise ValueError(f"{name}: cannot read {value!r} as {hint}")
 
 
 # --------------------------------------------------------------------------------------------

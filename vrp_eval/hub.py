@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vrp_eval.errors import VrpError
 from vrp_eval.results import (
     LAYER_RANGE_METRICS,
     METRICS,
@@ -36,7 +37,7 @@ SOURCE_NAME = "vrp-eval"
 SOURCE_URL = "https://github.com/vrp-eval/vrp-eval"
 
 
-class PushError(RuntimeError):
+class PushError(VrpError, RuntimeError):
     """Pushing to the Hub failed or was refused; the message says why and what to do (never the token)."""
 
 
@@ -111,9 +112,31 @@ def _api(token: str | None, endpoint: str | None):
     return HfApi(endpoint=endpoint, token=_resolve_token(token))
 
 
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub call raises when the Hub answers with an error or cannot be reached at all (no route,
+    connection refused, time-out, TLS): HTTP errors and the transport errors of the HTTP client
+    huggingface_hub uses (httpx2 in huggingface_hub 2, httpx before)."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def _hub_error(action: str, error: Exception) -> PushError:
     # huggingface_hub's messages carry the URL and request id, never the Authorization header.
-    return PushError(f"{action} failed: {error}")
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        return PushError(f"{action} failed: {error}")
+    return PushError(f"{action} failed: the Hub cannot be reached ({type(error).__name__}: {error}); check the "
+                     "network, HF_ENDPOINT or --endpoint, then run the same command again (nothing was committed)")
 
 
 def push_results(path_or_obj: str | Path | dict, repo_id: str, *, token: str | None = None,
@@ -132,7 +155,7 @@ def push_results(path_or_obj: str | Path | dict, repo_id: str, *, token: str | N
     if dry_run:
         return PushReport(action="dry-run", **report)
 
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError
 
     api = _api(token, endpoint)
     try:
@@ -153,7 +176,7 @@ def push_results(path_or_obj: str | Path | dict, repo_id: str, *, token: str | N
                                repo_type="dataset",
                                commit_message=f"Add vrp-eval results for {model_slug(obj['config'])}",
                                commit_description=f"tasks: {', '.join(obj['results'])}")
-    except HfHubHTTPError as error:
+    except hub_errors() as error:
         raise _hub_error(f"pushing to datasets/{repo_id}", error) from None
     return PushReport(action="uploaded", commit_url=str(info.commit_url), **report)
 
@@ -238,7 +261,7 @@ def write_card(results: dict | str | Path, path: str | Path) -> Path:
 def push_card(results: dict | str | Path, repo_id: str, *, token: str | None = None,
               endpoint: str | None = None) -> str:
     """Open a pull request on model repo `repo_id` whose README carries the results' model-index; its URL."""
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError
 
     obj = _load(results)
     api = _api(token, endpoint)
@@ -254,7 +277,7 @@ def push_card(results: dict | str | Path, repo_id: str, *, token: str | None = N
                                repo_id=repo_id, create_pr=True,
                                commit_message="Add vrp-eval reliability results to the model card",
                                commit_description=f"model-index entries from vrp-eval {obj['config']['vrp_eval_version']}")
-    except HfHubHTTPError as error:
+    except hub_errors() as error:
         raise _hub_error(f"opening a card pull request on {repo_id}", error) from None
     return str(info.pr_url)
 

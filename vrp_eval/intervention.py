@@ -42,10 +42,11 @@ from typing import Any
 import torch
 
 from vrp_eval.hooks import AttentionHook
+from vrp_eval.options import DEFAULTS
 
 KINDS = ("gaussian", "mean", "zero")
 SITES = ("output", "input")
-CALIBRATION_SAMPLES = 64
+CALIBRATION_SAMPLES = DEFAULTS["n_calibration"]  # the probe option n_calibration
 _SEED_STRIDE = 1_000_003
 
 

@@ -35,7 +35,6 @@ if __name__ == "__main__":  # `python -m vrp_eval.lm`: run the importable module
     sys.exit(main())
 
 import dataclasses
-import typing
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from lm_eval.api.registry import register_model
 
 from vrp_eval import harness
 from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: F401
+from vrp_eval.options import OPTIONS, option
 
 PAYLOAD_FORMAT = "vrp-eval/lm-record"
 
@@ -103,7 +103,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any], st
             load_kwargs["device"] = "cpu"
     if "dtype" in load_kwargs:
         load_kwargs["dtype"] = str(load_kwargs["dtype"])
-    hints = typing.get_type_hints(ProbeSettings)
+    hints = {opt.name for opt in OPTIONS}
     settings: dict[str, Any] = {"signals": TEXT_SIGNALS}
     for name, value in args.items():
         if name in _TASK_DECIDES:
@@ -113,10 +113,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any], st
                 f"unknown model argument {name!r} for --model vrp-lm; use pretrained=<folder | tiny-text-llama | "
                 f"Hub id>, answer_field, loading options ({', '.join(_LOAD_OPTIONS)}) or probe options "
                 f"({', '.join(sorted(set(hints) - set(_TASK_DECIDES)))})")
-        try:
-            settings[name] = harness.coerce(value, hints[name], name)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"model argument {name}={value!r}: {error}") from None
+        settings[name] = option(name).parse(value)  # OptionError names the option, the value and the range
     return model_id, ProbeSettings(**settings), load_kwargs, answer_field
 
 

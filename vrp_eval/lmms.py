@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import os
 import threading
-import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -52,6 +51,7 @@ from lmms_eval.api.model import lmms
 from vrp_eval import harness
 from vrp_eval.data import Example
 from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: F401
+from vrp_eval.options import OPTIONS, option
 
 PAYLOAD_FORMAT = "vrp-eval/lmms-record"
 
@@ -102,8 +102,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
     load_kwargs = {name: harness.strip_quotes(args.pop(name)) for name in list(args)
                    if name in load_params and args[name] is not None}
-    hints = typing.get_type_hints(ProbeSettings)
-    probe_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
+    probe_fields = {opt.name for opt in OPTIONS}
     settings_kwargs: dict[str, Any] = {}
     for name in list(args):
         value = args.pop(name)
@@ -117,10 +116,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
             )
         if value is None:
             continue
-        try:
-            settings_kwargs[name] = harness.coerce(value, hints[name], name)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"model argument {name}={value!r}: {error}") from None
+        settings_kwargs[name] = option(name).parse(value)  # OptionError names the option, the value and the range
     return model_id, ProbeSettings(**settings_kwargs), load_kwargs
 
 

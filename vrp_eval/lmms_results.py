@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vrp_eval.errors import VrpError
 
-class LmmsResultsError(ValueError):
+
+class LmmsResultsError(VrpError, ValueError):
     """An lmms-eval output that cannot be read back, with what to do about it."""
 
 
@@ -52,8 +54,13 @@ def read_lmms_results(results_path: str | Path, task: str | None = None,
     results_path = Path(results_path)
     try:
         results = json.loads(results_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise LmmsResultsError(f"cannot read lmms-eval results {results_path}: {error}") from None
+    except RecursionError:
+        raise LmmsResultsError(f"{results_path} is nested too deeply to be an lmms-eval results file") from None
+    if not isinstance(results, dict) or not isinstance(results.get("results", {}), dict):
+        raise LmmsResultsError(f"{results_path} is not an lmms-eval results file (a JSON object with a `results` "
+                               "object); pass the `<date>_results.json` that lmms-eval wrote")
     tasks = sorted(results.get("results", {}))
     if task is None:
         candidates = [t for t in tasks if t.startswith("vrp_")] or tasks
@@ -67,7 +74,11 @@ def read_lmms_results(results_path: str | Path, task: str | None = None,
     for number, line in enumerate(samples_path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        response = json.loads(line)["filtered_resps"]
+        try:
+            response = json.loads(line)["filtered_resps"]
+        except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+            raise LmmsResultsError(f"{samples_path}:{number} is not an lmms-eval samples-log line (JSON with "
+                                   "`filtered_resps`); pass the `--log_samples` file of the same run") from None
         if isinstance(response, list):  # lmms-eval flattens one response per doc; older logs may not
             response = response[0]
         _, payload = decode_response(str(response))

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from vrp_eval.adapters import FamilyAdapter, adapter_for
+from vrp_eval.errors import VrpError
 from vrp_eval.zoo import ZOO, is_zoo_name, zoo_path
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(VrpError, RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
 
@@ -76,10 +77,41 @@ def resolve_model(model_id: str, revision: str | None = None) -> tuple[str, str 
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} exists but holds no config.json: is it a `save_pretrained` folder?")
+        _check_json(path / "config.json")
         return str(path), str(path)
     if model_id.startswith((".", "/", "~")):
         raise ModelLoadError(f"no such model folder: {model_id}")
     return model_id, None
+
+
+def _check_json(path: Path) -> None:
+    """A local config file that is not JSON gets its own message (transformers reports it as missing)."""
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON ({error}); restore the file from the model's source "
+                             "(`save_pretrained` writes it)") from None
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded onto it."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: no CUDA device is available here (torch.cuda.is_available() "
+                                 "is False); use --device cpu, or leave --device out to pick one automatically")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                 f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 def load_model(
@@ -97,6 +129,7 @@ def load_model(
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_device(device)
     source, local = resolve_model(model_id, revision)
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if local is None and _offline():

@@ -20,53 +20,52 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from vrp_eval.adapters import DEFAULT_POST_PROMPT
-from vrp_eval.data import DataError, Example, load_examples, load_image
+from vrp_eval.data import (
+    DataError,
+    Example,
+    check_unique_ids,
+    load_examples,
+    load_image,
+)
 from vrp_eval.generation import AnswerOutput, generate_answers
 from vrp_eval.loading import LoadedModel
-
-SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens", "consistency")
-DEFAULT_SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens")
+from vrp_eval.options import DEFAULTS, OPTIONS, OptionError
 
 
 @dataclass
 class ProbeSettings:
-    """Everything that changes a run's numbers (recorded in results.json and checked on resume)."""
+    """Everything that changes a run's numbers (recorded in results.json and checked on resume).
 
-    dataset: str = "vrp-synth"
-    split: str = "validation"
-    limit: int | None = None
-    batch_size: int = 16
-    max_new_tokens: int = 8
-    post_prompt: str = DEFAULT_POST_PROMPT
-    confidence: str = "product"  # product | first_token | length_norm | option (MC default)
-    n_bins: int = 15
-    n_bootstrap: int = 1000
-    seed: int = 0
-    on_bad_image: str = "error"  # error | skip
+    Defaults, accepted values and help text live in `vrp_eval.options` (one place for the CLI, this
+    class and the harness model arguments); every field is validated and normalised on creation."""
+
+    dataset: str = DEFAULTS["dataset"]
+    split: str = DEFAULTS["split"]
+    limit: int | None = DEFAULTS["limit"]
+    batch_size: int = DEFAULTS["batch_size"]
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
+    post_prompt: str = DEFAULTS["post_prompt"]
+    confidence: str = DEFAULTS["confidence"]
+    n_bins: int = DEFAULTS["n_bins"]
+    n_bootstrap: int = DEFAULTS["n_bootstrap"]
+    seed: int = DEFAULTS["seed"]
+    on_bad_image: str = DEFAULTS["on_bad_image"]
     # --- the probe engine ---
-    signals: tuple[str, ...] = DEFAULT_SIGNALS
-    layers: tuple[int, ...] | None = None  # decoder layers to trace (None: all)
-    window: int | None = None  # knockout window width (None: ceil(L / 4))
-    noise: str = "gaussian"  # gaussian | mean | zero
-    noise_scale: float = 3.0  # k: noise std = k * sigma
-    n_noise: int = 5  # K noise samples per input
-    n_calibration: int = 64  # samples used to estimate sigma
-    consistency_k: int = 10
+    signals: tuple[str, ...] = DEFAULTS["signals"]
+    layers: tuple[int, ...] | None = DEFAULTS["layers"]
+    window: int | None = DEFAULTS["window"]
+    noise: str = DEFAULTS["noise"]
+    noise_scale: float = DEFAULTS["noise_scale"]
+    n_noise: int = DEFAULTS["n_noise"]
+    n_calibration: int = DEFAULTS["n_calibration"]
+    consistency_k: int = DEFAULTS["consistency_k"]
 
     def __post_init__(self) -> None:
-        self.signals = tuple(self.signals)
-        unknown = set(self.signals) - set(SIGNALS)
-        if unknown:
-            raise ValueError(f"unknown signals {sorted(unknown)}; choose from {', '.join(SIGNALS)}")
-        if self.layers is not None:
-            self.layers = tuple(int(layer) for layer in self.layers)
+        for opt in OPTIONS:
+            setattr(self, opt.name, opt.parse(getattr(self, opt.name)))
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
-
-
-CONFIDENCE_KINDS = ("product", "first_token", "length_norm", "option")
 
 
 @dataclass
@@ -332,16 +331,19 @@ def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: Probe
 
     num_layers = loaded.adapter.num_layers
     width = settings.window or math.ceil(num_layers / 4)
-    if not 1 <= width <= num_layers:
-        raise ValueError(f"window width {width} is outside 1..{num_layers} (the model's decoder layers)")
+    if "circuit" in signals and not 1 <= width < num_layers:  # a control window must fit beside the circuit
+        raise OptionError(f"window (--window) = {width}: this model has {num_layers} decoder layers, so a knockout "
+                          f"window must be 1..{num_layers - 1} wide (room for its control window)")
     if settings.layers is not None:
         bad = [layer for layer in settings.layers if not 0 <= layer < num_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range: this model has decoder layers 0..{num_layers - 1}")
+            shown = ", ".join(map(str, bad[:5])) + (f" ... {bad[-1]}" if len(bad) > 5 else "")
+            raise OptionError(f"layers (--layers): {shown} out of range: this model has decoder layers "
+                              f"0..{num_layers - 1}")
     state.windows = knockout_windows(num_layers, width)
     calibration = (calibration if calibration is not None else examples)[: settings.n_calibration]
     encoded = [_encode(loaded, chunk, settings) for chunk in _batches(calibration, settings.batch_size)]
-    state.sigma = estimate_sigma(loaded, encoded)
+    state.sigma = estimate_sigma(loaded, encoded, max_samples=settings.n_calibration)
     return state
 
 
@@ -450,15 +452,34 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: The files `run_probe` writes into its output folder.
+RUN_FILES = ("run_key.json", "pass1.partial.jsonl", "heldout.partial.jsonl", "samples.jsonl", "samples.jsonl.tmp")
+
+
 def _check_run_key(folder: Path, run_key: dict[str, Any], overwrite: bool) -> None:
     key_path = folder / "run_key.json"
     if overwrite:
-        for name in ("samples.jsonl", "pass1.partial.jsonl", "heldout.partial.jsonl"):
+        for name in RUN_FILES:
             (folder / name).unlink(missing_ok=True)
     elif key_path.exists() and json.loads(key_path.read_text()) != run_key:
         raise DataError(f"{folder} holds a run with other settings; choose a new --output folder or pass "
                         "--overwrite to start again")
     key_path.write_text(json.dumps(run_key, indent=2, sort_keys=True))
+
+
+def check_examples(examples: list[Example], settings: ProbeSettings, shard: bool = False) -> None:
+    """What the settings need of the data, checked before any model pass (`shard`: `examples` are one
+    process's share of a distributed run, so whole-run requirements are not checked here)."""
+    if not examples:
+        raise DataError(f"dataset {settings.dataset!r} split {settings.split!r} has no examples to evaluate")
+    check_unique_ids(examples, settings.dataset)
+    if settings.confidence == "option" and any(e.kind != "mc" for e in examples):
+        raise OptionError("confidence (--confidence) = 'option' needs multiple-choice data (rows with `choices` and "
+                          f"`answer`), and {settings.dataset!r} has other rows; use product, first_token or length_norm")
+    if "circuit" in settings.signals and not shard and not any(
+            half_of(e.question_id, settings.seed) == "discovery" for e in examples):
+        raise DataError(f"none of the {len(examples)} samples falls in the discovery half that chooses the circuit; "
+                        "evaluate more samples (raise --limit) or leave `circuit` out of --signals")
 
 
 def run_probe(
@@ -482,15 +503,8 @@ def run_probe(
     examples) fixes the samples the noise scale is estimated on, so that every process of a sharded
     run uses the same one.
     """
-    if settings.confidence not in CONFIDENCE_KINDS:
-        raise ValueError(f"unknown confidence {settings.confidence!r}; choose one of {', '.join(CONFIDENCE_KINDS)}")
-    if settings.batch_size <= 0:
-        raise ValueError(f"batch size must be positive, got {settings.batch_size}")
-    if settings.noise not in ("gaussian", "mean", "zero"):
-        raise ValueError(f"unknown noise kind {settings.noise!r}; choose gaussian, mean or zero")
     examples = examples if examples is not None else load_examples(settings.dataset, settings.split, settings.limit)
-    if not examples:
-        raise DataError("no examples to evaluate")
+    check_examples(examples, settings, shard=reduce is not None)
     folder = Path(output_dir) if output_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,24 @@ keep working. The full layout is documented in docs/results-schema.md.
 
 Non-finite numbers: files are strict JSON. NaN (and +/-inf) are written as `null`; `read_results`
 turns a `null` metric in `results` back into `float("nan")`, so a NaN metric round-trips as NaN.
-`null` inside `details` is left as `None`.
+`null` inside `details` is left as `None`. A file with `NaN` / `Infinity` literals (Python's json writes
+them) is read like the same object in memory: allowed where `null` is, refused where a finite number
+is needed.
+
+Hostile files: `validate_results` is the one gate for `vrp-eval push`, `vrp-eval run --from-lmms`,
+`vrp-eval card` and the leaderboard Space; it checks every field they read, so that what it accepts
+they can show and what it refuses gets a message naming the field and the fix. `read_results` also
+refuses files over MAX_FILE_BYTES and nesting deeper than MAX_DEPTH (docs/bad-inputs-results.md).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import reprlib
+import unicodedata
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,15 @@ METRICS = ("accuracy", "ece", "mce", "ace", "brier", "attn_conf_r", "attn_acc_r"
 METRIC_SUFFIXES = ("_ci_low", "_ci_high", "_p", "_rho")
 #: Metrics whose value is a layer range [first, last] (decoder layer indices, inclusive).
 LAYER_RANGE_METRICS = ("circuit_layers", "control_layers")
+
+#: A results file is tens of kilobytes; one this large is not one (and would stall the Space).
+MAX_FILE_BYTES = 10 * 1024 * 1024
+#: Results hold flat tables and short lists, six levels deep at most.
+MAX_DEPTH = 32
+#: Names the leaderboard shows (model, task, metric, dataset, ...); a Hub id is under 100 characters.
+MAX_NAME_LENGTH = 512
+#: Integers beyond 2**53 are not exact in float64 or JavaScript; no count or layer index is that large.
+MAX_INT = 2**53
 
 _BIN_KEYS = ("lo", "hi", "count", "mean_confidence", "mean_score")
 _SLUG_PART = re.compile(r"[^A-Za-z0-9._-]+")
@@ -96,65 +115,132 @@ def _plain(value: Any) -> Any:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number as the schema allows it in memory: NaN and +/-inf stand for `null` (`write_results`
+    writes them so); integers are bounded, since beyond 2**53 neither float64 nor JavaScript holds them."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -MAX_INT <= value <= MAX_INT
+    return isinstance(value, float)
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_layer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages: a hostile value must not flood the leaderboard's note."""
+    return _REPR.repr(value)
 
 
 def _fail(field: str, problem: str, fix: str) -> ResultsError:
     return ResultsError(f"results field `{field}` {problem}; {fix}")
 
 
+def _name_problem(value: Any) -> str | None:
+    """Why `value` cannot be a name the leaderboard shows (model, task, metric, dataset, ...), or None."""
+    if not isinstance(value, str) or not value.strip():
+        return f"is {_short(value)}, not a non-empty string"
+    if len(value) > MAX_NAME_LENGTH:
+        return f"is {len(value)} characters long (at most {MAX_NAME_LENGTH})"
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        return f"is {_short(value)}, which holds a control character (newline, tab, ...)"
+    return None
+
+
+def _check_name(field: str, value: Any, fix: str = "give a one-line name") -> None:
+    problem = _name_problem(value)
+    if problem:
+        raise _fail(field, problem, fix)
+
+
+def _check_keys(field: str, mapping: Mapping, what: str) -> None:
+    for key in mapping:
+        problem = _name_problem(key)
+        if problem:
+            raise _fail(field, f"has a {what} that {problem}", f"name every {what} with a one-line string")
+
+
+def _check_shape(obj: Mapping) -> None:
+    """Nesting depth of everything in `obj` and integers within 64 bits. Iterative, so that a
+    pathological file meets a ResultsError before anything recursive (repr, copy, dumps) does; a path
+    is only spelled out for the error."""
+    stack: list[tuple[Any, Any, int]] = [(obj, None, 1)]  # (container, its path as a linked list, depth)
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _fail(_field(path), f"nests more than {MAX_DEPTH} levels deep",
+                        "results hold flat {name: value} tables and lists of numbers: flatten it")
+        keyed = isinstance(node, Mapping)
+        for key, value in node.items() if keyed else enumerate(node):
+            kind = type(value)
+            if kind is str or kind is float or value is None or kind is bool:  # common leaves first: files can be large
+                continue
+            if kind is int:
+                if not -(2**64) < value < 2**64:
+                    raise _fail(_field((path, str(key) if keyed else key)), "is an integer beyond 64 bits",
+                                "counts, sizes and layer indices are far smaller: write the real value (or null)")
+            elif kind is dict or kind is list or isinstance(value, (Mapping, list, tuple)):
+                stack.append((value, (path, str(key) if keyed else key), depth + 1))
+
+
+def _field(path: Any) -> str:
+    """`a.b[0].c` from _check_shape's linked-list path, long keys and long paths cut."""
+    parts = []
+    while path is not None:
+        path, key = path
+        parts.append(f"[{key}]" if isinstance(key, int) else "." + (key if len(key) <= 40 else key[:40] + "…"))
+    text = "".join(reversed(parts)).lstrip(".") or "(top level)"
+    return text if len(text) <= 120 else text[:120] + "…"
+
+
 def validate_results(obj: dict) -> dict:
-    """Check `obj` against the schema and return it unchanged; ResultsError names the field and the fix."""
+    """Check `obj` against the schema and return it unchanged; ResultsError names the field and the fix.
+
+    Every field the leaderboard Space or the model card reads is checked, so that what this accepts
+    they can show: names are one-line strings of at most MAX_NAME_LENGTH characters, numbers are
+    numbers (NaN / inf only where the schema allows null), layer ranges are non-negative integers, and
+    nothing nests deeper than MAX_DEPTH. Other keys are kept as they are.
+    """
     if not isinstance(obj, Mapping):
         raise ResultsError(f"a results object must be a JSON object, got {type(obj).__name__}; "
                            "write it with vrp_eval.results.build_results")
+    _check_shape(obj)
     schema = obj.get("schema")
     if schema != SCHEMA:
-        raise _fail("schema", f"is {schema!r}, not {SCHEMA!r} (not a vrp-eval results file?)",
+        raise _fail("schema", f"is {_short(schema)}, not {SCHEMA!r} (not a vrp-eval results file?)",
                     "create results with vrp_eval.results.build_results or `vrp-eval run`")
     version = obj.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _fail("schema_version", f"is {version!r}", f"set it to {SCHEMA_VERSION}")
+        raise _fail("schema_version", f"is {_short(version)}", f"set it to {SCHEMA_VERSION}")
     if version > SCHEMA_VERSION:
         raise _fail("schema_version", f"is {version}, newer than this vrp-eval understands ({SCHEMA_VERSION})",
                     "upgrade vrp-eval (pip install -U vrp-eval)")
-
-    config = obj.get("config")
-    if not isinstance(config, Mapping):
-        raise _fail("config", "is missing or not an object", f"add a config object with {', '.join(REQUIRED_CONFIG)}")
-    for key in REQUIRED_CONFIG:
-        value = config.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise _fail(f"config.{key}", "is missing or not a non-empty string",
-                        "set it (use \"unknown\" for a model_sha that cannot be resolved)")
-    for key in ("probe", "versions"):
-        if key in config and config[key] is not None and not isinstance(config[key], Mapping):
-            raise _fail(f"config.{key}", "is not an object", f"give {key} as a {{name: value}} mapping")
-    n_params = config.get("model_num_parameters")
-    if n_params is not None and (not _is_number(n_params) or n_params < 0):
-        raise _fail("config.model_num_parameters", f"is {n_params!r}", "give the parameter count as a number")
-    created = config.get("created_at")
-    if created is not None:
-        from datetime import datetime
-
-        try:
-            datetime.fromisoformat(str(created))
-        except ValueError:
-            raise _fail("config.created_at", f"is {created!r}, not an ISO 8601 time",
-                        "write datetime.now(timezone.utc).isoformat()") from None
+    _check_config(obj.get("config"))
 
     results = obj.get("results")
     if not isinstance(results, Mapping) or not results:
         raise _fail("results", "is missing or empty", "add {task: {metric: value}} for at least one task")
+    _check_keys("results", results, "task")
     for task, metrics in results.items():
         if not isinstance(metrics, Mapping):
             raise _fail(f"results.{task}", "is not an object", "give {metric: value} for the task")
+        _check_keys(f"results.{task}", metrics, "metric")
         for name, value in metrics.items():
             _check_metric(f"results.{task}.{name}", name, value)
 
     details = obj.get("details", {})
     if not isinstance(details, Mapping):
         raise _fail("details", "is not an object", "give {task: {...}} or leave it out")
+    _check_keys("details", details, "task")
     for task, entry in details.items():
         if not isinstance(entry, Mapping):
             raise _fail(f"details.{task}", "is not an object", "give {reliability_bins: [...], ...} for the task")
@@ -162,19 +248,53 @@ def validate_results(obj: dict) -> dict:
     return obj
 
 
+def _check_config(config: Any) -> None:
+    if not isinstance(config, Mapping):
+        raise _fail("config", "is missing or not an object", f"add a config object with {', '.join(REQUIRED_CONFIG)}")
+    for key in REQUIRED_CONFIG:
+        value = config.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(f"config.{key}", "is missing or not a non-empty string",
+                        "set it (use \"unknown\" for a model_sha that cannot be resolved)")
+        _check_name(f"config.{key}", value)
+    for key in ("model_family", "dataset_revision", "task"):
+        if config.get(key) is not None:
+            _check_name(f"config.{key}", config[key], "give a one-line string or leave it out")
+    for key in ("probe", "versions"):
+        if key in config and config[key] is not None and not isinstance(config[key], Mapping):
+            raise _fail(f"config.{key}", "is not an object", f"give {key} as a {{name: value}} mapping")
+    model_slug(config)
+    n_params = config.get("model_num_parameters")
+    if n_params is not None and (not _is_finite(n_params) or n_params < 0):
+        raise _fail("config.model_num_parameters", f"is {_short(n_params)}",
+                    "give the parameter count as a finite non-negative number, or null when it is unknown")
+    created = config.get("created_at")
+    if created is not None:
+        try:
+            when = datetime.fromisoformat(created)  # TypeError for anything but a string
+            (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        except (TypeError, ValueError, OverflowError):
+            raise _fail("config.created_at", f"is {_short(created)}, not an ISO 8601 time (in UTC's range)",
+                        "write datetime.now(timezone.utc).isoformat()") from None
+
+
+def _check_layer_range(field: str, value: Any, what: str) -> None:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_layer(v) for v in value)
+            or value[0] > value[1]):
+        raise _fail(field, f"is {_short(value)}",
+                    f"give the {what} as [first, last]: decoder-layer indices, integers >= 0, first <= last")
+
+
 def _check_metric(field: str, name: str, value: Any) -> None:
     if name in LAYER_RANGE_METRICS:
-        if value is None:
-            return
-        if (not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
-            raise _fail(field, f"is {value!r}", "give the layer range as [first, last] integers with first <= last")
+        if value is not None:
+            _check_layer_range(field, value, "layer range")
         return
     if value is None or _is_number(value):
         return
     if isinstance(value, (list, tuple)) and all(v is None or _is_number(v) for v in value):
         return
-    raise _fail(field, f"is {value!r} ({type(value).__name__})",
+    raise _fail(field, f"is {_short(value)} ({type(value).__name__})",
                 "metric values must be numbers (null/NaN when not computable) or lists of numbers")
 
 
@@ -185,21 +305,37 @@ def _check_details(field: str, entry: Mapping) -> None:
             raise _fail(f"{field}.reliability_bins", "is not a list", "give a list of {lo, hi, count, ...} objects")
         for i, b in enumerate(bins):
             if not isinstance(b, Mapping) or any(k not in b for k in _BIN_KEYS):
-                raise _fail(f"{field}.reliability_bins[{i}]", f"is {b!r}",
+                raise _fail(f"{field}.reliability_bins[{i}]", f"is {_short(b)}",
                             f"each bin needs {', '.join(_BIN_KEYS)} (mean_* may be null for an empty bin)")
-            for k in _BIN_KEYS:
+            for k, fix in (("lo", "give the bin's lower edge as a finite number"),
+                           ("hi", "give the bin's upper edge as a finite number"),
+                           ("count", "give the number of samples in the bin (>= 0)")):
+                if not _is_finite(b[k]) or (k == "count" and b[k] < 0):
+                    raise _fail(f"{field}.reliability_bins[{i}].{k}", f"is {_short(b[k])}", fix)
+            for k in ("mean_confidence", "mean_score"):
                 if b[k] is not None and not _is_number(b[k]):
-                    raise _fail(f"{field}.reliability_bins[{i}].{k}", f"is {b[k]!r}", "give a number or null")
+                    raise _fail(f"{field}.reliability_bins[{i}].{k}", f"is {_short(b[k])}", "give a number or null")
     curves = entry.get("ie_curves")
     if curves is not None:
         if not isinstance(curves, Mapping):
             raise _fail(f"{field}.ie_curves", "is not an object", "give {group: [IE per layer]} (image, text, last)")
+        _check_keys(f"{field}.ie_curves", curves, "position group")
         for group, curve in curves.items():
             if not isinstance(curve, (list, tuple)) or not all(v is None or _is_number(v) for v in curve):
-                raise _fail(f"{field}.ie_curves.{group}", "is not a list of numbers", "give one IE value per layer")
+                raise _fail(f"{field}.ie_curves.{group}", "is not a list of numbers",
+                            "give one IE value per layer (null where it could not be computed)")
     knockout = entry.get("knockout_curve")
-    if knockout is not None and not isinstance(knockout, (list, tuple)):
-        raise _fail(f"{field}.knockout_curve", "is not a list", "give one entry per knockout window")
+    if knockout is not None:
+        if not isinstance(knockout, (list, tuple)):
+            raise _fail(f"{field}.knockout_curve", "is not a list", "give one {window, accuracy, drop} per knockout window")
+        for i, point in enumerate(knockout):
+            if not isinstance(point, Mapping):
+                raise _fail(f"{field}.knockout_curve[{i}]", f"is {_short(point)}",
+                            "give an object {window: [first, last], accuracy, drop}")
+            _check_layer_range(f"{field}.knockout_curve[{i}].window", point.get("window"), "knocked-out window")
+            for k in ("accuracy", "drop"):
+                if point.get(k) is not None and not _is_number(point[k]):
+                    raise _fail(f"{field}.knockout_curve[{i}].{k}", f"is {_short(point[k])}", "give a number or null")
 
 
 def dumps_results(obj: dict) -> str:
@@ -220,13 +356,25 @@ def write_results(obj: dict, path: str | Path) -> Path:
     return path
 
 
+def _too_large(source: str, size: int) -> ResultsError:
+    return ResultsError(f"{source} is {size} bytes, more than the {MAX_FILE_BYTES} bytes a results file may hold; "
+                        "keep per-sample data in samples.jsonl, not in results")
+
+
 def loads_results(text: str | bytes, source: str = "results") -> dict:
     """Parse and validate results text; `null` metrics come back as NaN."""
+    size = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    if size > MAX_FILE_BYTES:
+        raise _too_large(source, size)
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ResultsError(f"{source} is not valid JSON ({error}); "
-                           "regenerate it with `vrp-eval run` or fix the file by hand") from None
+    except RecursionError:
+        raise ResultsError(f"{source} nests too deeply to read (a results file is at most {MAX_DEPTH} levels deep); "
+                           "regenerate it with `vrp-eval run`") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        problem = ("holds an integer of thousands of digits" if "integer string conversion" in str(error)
+                   else f"is not valid JSON ({error})")
+        raise ResultsError(f"{source} {problem}; regenerate it with `vrp-eval run` or fix the file by hand") from None
     try:
         validate_results(obj)
     except ResultsError as error:
@@ -240,9 +388,13 @@ def loads_results(text: str | bytes, source: str = "results") -> dict:
 
 
 def read_results(path: str | Path) -> dict:
-    """Read and validate a results file; ResultsError on malformed JSON or a schema violation."""
+    """Read and validate a results file; ResultsError on malformed JSON, a schema violation or a file over
+    MAX_FILE_BYTES (checked before reading it)."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise _too_large(str(path), size)
         text = path.read_bytes()
     except OSError as error:
         raise ResultsError(f"cannot read results file {path}: {error.strerror}") from None
@@ -253,7 +405,8 @@ def model_slug(config: Mapping) -> str:
     """`<org>/<model>` for `config.model_name`: a Hub id as it is, a local path or zoo name as `local/<name>`."""
     name = str(config.get("model_name", "")).strip().rstrip("/")
     if not name:
-        raise _fail("config.model_name", "is empty", "set it to the model's Hub id or folder name")
+        raise _fail("config.model_name", f"is {_short(config.get('model_name'))}, which names no model",
+                    "set it to the model's Hub id or folder name")
     parts = [p for p in name.split("/") if p not in ("", ".", "..")]
     if len(parts) == 2 and not name.startswith(("/", ".", "~")):
         org, model = parts
@@ -264,6 +417,9 @@ def model_slug(config: Mapping) -> str:
 
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_NAME_LENGTH",
     "METRICS",
     "METRIC_SUFFIXES",
     "SCHEMA",

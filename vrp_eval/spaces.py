@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from vrp_eval.errors import VrpError
+
 PACKAGE = Path(__file__).resolve().parent
 METRIC_NAMES = ("vrp_ece", "vrp_attention_confidence", "vrp_causal_drop", "vrp_vqa_accuracy")
 SPACE_NAMES = ("leaderboard", *METRIC_NAMES)
@@ -34,7 +36,7 @@ REQUIREMENTS = {"leaderboard": ("huggingface_hub", "pandas"), "metric": ("evalua
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
-class SpaceError(ValueError):
+class SpaceError(VrpError, ValueError):
     """An unknown Space name, an unusable output folder or a failed publish; the message says what to do."""
 
 
@@ -102,9 +104,7 @@ def publish_spaces(names: Iterable[str], org: str, *, token: str | None = None, 
     """
     import tempfile
 
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from vrp_eval.hub import _api, _hub_error
+    from vrp_eval.hub import _api, _hub_error, hub_errors
 
     names = list(names)
     for name in names:
@@ -121,7 +121,7 @@ def publish_spaces(names: Iterable[str], org: str, *, token: str | None = None, 
                 api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
                 api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="space",
                                   commit_message=f"vrp-eval: publish {name}")
-            except HfHubHTTPError as error:
+            except hub_errors() as error:
                 raise _hub_error(f"publishing the Space {repo_id}", error) from error
         published.append(repo_id)
     return published

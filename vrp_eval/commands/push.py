@@ -43,9 +43,9 @@ def _load(path: str, lmms_task: str | None) -> dict:
 
     from vrp_eval.results import SCHEMA, build_results, read_results
 
-    try:
+    try:  # a sniff for lmms-eval files only: read_results below validates (and reports) everything else
         head = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         head = None
     if isinstance(head, dict) and head.get("schema") != SCHEMA and "lmms_eval_version" in head:
         from vrp_eval.lmms_results import read_lmms_results

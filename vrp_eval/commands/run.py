@@ -11,58 +11,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vrp_eval.probe import DEFAULT_SIGNALS, SIGNALS
+from vrp_eval.errors import VrpError
+from vrp_eval.options import OPTIONS, add_arguments
 from vrp_eval.zoo import DEFAULT_MODEL
-
-
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """'0-3,7' -> (0, 1, 2, 3, 7)."""
-    if not text:
-        return None
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            first, last = (int(x) for x in part.split("-", 1))
-            layers.extend(range(first, last + 1))
-        elif part:
-            layers.append(int(part))
-    return tuple(layers)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Hub id, local save_pretrained folder, or zoo name (default: %(default)s)")
-    parser.add_argument("--dataset", default="vrp-synth",
-                        help="vrp-synth | vrp-synth-mc | a local parquet/json/save_to_disk path | a Hub dataset id")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto)")
     parser.add_argument("--revision", default=None, help="Hub revision of the model")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--output", default=None, help="output folder (default: runs/<model>-<date>)")
-    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--confidence", default="product", choices=["product", "first_token", "length_norm", "option"])
-    parser.add_argument("--n-bins", type=int, default=15)
-    parser.add_argument("--n-bootstrap", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again: delete this folder's earlier run (results, samples, partial files, "
+                             "pictures) instead of resuming it")
     parser.add_argument("--task-name", default=None, help="name of the task in results.json (default: from the dataset)")
-    probe = parser.add_argument_group("probe engine")
-    probe.add_argument("--signals", default=",".join(DEFAULT_SIGNALS),
-                       help=f"comma-separated, from {', '.join(SIGNALS)} (default: %(default)s; "
-                            "consistency samples K answers and is off by default)")
-    probe.add_argument("--layers", default=None,
-                       help="decoder layers to trace, e.g. '0-7' or '2,4,6-9' (default: all)")
-    probe.add_argument("--window", type=int, default=None, help="knockout window width (default: ceil(L/4))")
-    probe.add_argument("--noise", default="gaussian", choices=["gaussian", "mean", "zero"])
-    probe.add_argument("--noise-scale", type=float, default=3.0, help="k: gaussian std = k * sigma")
-    probe.add_argument("--n-noise", type=int, default=5, help="K noise samples per input")
-    probe.add_argument("--n-calibration", type=int, default=64, help="samples used to estimate sigma")
+    add_arguments(parser.add_argument_group("probe options (the same names work as lmms-eval / lm-eval model_args)"))
     parser.add_argument("--from-lmms", default=None, metavar="RESULTS_JSON",
                         help="build the report from an lmms-eval results file (+ its --log_samples file) "
                              "instead of running a model")
@@ -107,21 +74,26 @@ def format_summary(model: str, task: str, metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: What `vrp-eval run` writes beside the probe's own files (`probe.RUN_FILES`).
+RESULTS_FILE = "results.json"
+PICTURES = ("reliability.png", "trace_heatmap.png", "ie_curves.png", "sharpness_confidence.png")
+
+
 def write_pictures(output: Path, title: str, metrics: dict[str, Any], details: dict[str, Any],
                    records: list[Any]) -> list[Path]:
     """The reliability diagram and, when the engine ran, the trace heatmap, IE curves and scatter."""
     from vrp_eval import plots
 
-    written = [plots.reliability_diagram(details["reliability_bins"], metrics["ece"], output / "reliability.png",
+    written = [plots.reliability_diagram(details["reliability_bins"], metrics["ece"], output / PICTURES[0],
                                          title=title)]
     if details.get("ie_curves"):
-        written.append(plots.trace_heatmap(details["ie_curves"], output / "trace_heatmap.png", title=title))
-        written.append(plots.ie_curves(details["ie_curves"], output / "ie_curves.png",
+        written.append(plots.trace_heatmap(details["ie_curves"], output / PICTURES[1], title=title))
+        written.append(plots.ie_curves(details["ie_curves"], output / PICTURES[2],
                                        integration_layer=metrics.get("integration_layer"),
                                        circuit=metrics.get("circuit_layers"), title=title))
     if records and all(getattr(r, "sharpness", None) is not None for r in records):
         written.append(plots.sharpness_scatter([r.sharpness for r in records], [r.confidence for r in records],
-                                               [r.score for r in records], output / "sharpness_confidence.png",
+                                               [r.score for r in records], output / PICTURES[3],
                                                title=title))
     return written
 
@@ -130,8 +102,9 @@ def _from_lmms(args: argparse.Namespace) -> int:
     from vrp_eval.lmms_results import read_lmms_results
     from vrp_eval.results import build_results, write_results
 
-    run = read_lmms_results(args.from_lmms, task=args.lmms_task)
     output = Path(args.output or Path(args.from_lmms).with_suffix("").as_posix() + "-vrp")
+    prepare_output(output, args.overwrite, resumable=False)
+    run = read_lmms_results(args.from_lmms, task=args.lmms_task)
     output.mkdir(parents=True, exist_ok=True)
     write_results(build_results(config=run.config, task=run.task, metrics=run.metrics, details=run.details),
                   output / "results.json")
@@ -143,64 +116,79 @@ def _from_lmms(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_output(folder: Path, overwrite: bool, *, resumable: bool) -> None:
+    """Check, before any work, that `folder` can hold this run's files and holds no other run's.
+
+    `--overwrite` deletes every file an earlier run wrote there (and nothing else), so results,
+    samples and pictures of two runs never sit side by side. Without it, a folder with an earlier
+    run is refused, except an earlier `vrp-eval run` where the run itself can check and resume it
+    (`resumable`: the probe compares its run key, model and settings, before reusing anything)."""
+    from vrp_eval.probe import RUN_FILES
+
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--output {folder} is a file, not a folder: choose a folder path")
+    ours = [p for p in folder.iterdir() if p.name in (*RUN_FILES, RESULTS_FILE, *PICTURES)] if folder.is_dir() else []
+    if ours and overwrite:
+        for path in ours:
+            path.unlink()
+    elif ours and not (resumable and (folder / "run_key.json").is_file()):  # only the probe's own runs resume
+        raise OutputError(f"--output {folder} already holds another run ({', '.join(sorted(p.name for p in ours))}); "
+                          "choose a new folder, or pass --overwrite to replace that run")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".vrp-eval-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"--output {folder} cannot be written ({error.strerror or error}): "
+                          "choose a folder you can write to") from None
+
+
+class OutputError(VrpError, ValueError):
+    """The output folder cannot take this run; the message says why and what to do."""
+
+
 def main(args: argparse.Namespace) -> int:
     from vrp_eval import __version__
-    from vrp_eval.data import DataError
-    from vrp_eval.loading import ModelLoadError, load_model
-    from vrp_eval.probe import ProbeSettings, run_probe
-    from vrp_eval.results import ResultsError, build_results, write_results
+    from vrp_eval.data import load_examples
+    from vrp_eval.loading import check_device, load_model
+    from vrp_eval.probe import ProbeSettings, check_examples, run_probe
+    from vrp_eval.results import build_results, write_results
 
     if args.from_lmms:
-        try:
-            return _from_lmms(args)
-        except (ValueError, OSError) as error:
-            print(f"vrp-eval run: {error}", file=sys.stderr)
-            return 2
-    if args.limit is not None and args.limit <= 0:
-        print(f"vrp-eval run: --limit must be a positive number of samples, got {args.limit}", file=sys.stderr)
-        return 2
-    try:
-        settings = ProbeSettings(
-            dataset=args.dataset, split=args.split, limit=args.limit, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, confidence=args.confidence, n_bins=args.n_bins,
-            n_bootstrap=args.n_bootstrap, seed=args.seed, on_bad_image=args.on_bad_image,
-            signals=tuple(x.strip() for x in args.signals.split(",") if x.strip()),
-            layers=parse_layers(args.layers), window=args.window, noise=args.noise, noise_scale=args.noise_scale,
-            n_noise=args.n_noise, n_calibration=args.n_calibration,
-        )
-    except ValueError as error:
-        print(f"vrp-eval run: {error}", file=sys.stderr)
-        return 2
+        return _from_lmms(args)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = Path(args.output or f"runs/{Path(args.model).name}-{stamp}")
+    # Everything that can be checked without the model, before it is loaded: options, device,
+    # output folder, the dataset's schema. Errors propagate to the CLI (one line, exit code 2).
+    settings = ProbeSettings(**{opt.name: getattr(args, opt.name) for opt in OPTIONS if opt.cli})
+    check_device(args.device)
+    prepare_output(output, args.overwrite, resumable=True)
+    examples = load_examples(settings.dataset, settings.split, settings.limit)
+    check_examples(examples, settings)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                        revision=args.revision, trust_remote_code=args.trust_remote_code)
     try:
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                            revision=args.revision, trust_remote_code=args.trust_remote_code)
-        report = run_probe(loaded, settings, output_dir=output, overwrite=args.overwrite)
-    except (ModelLoadError, DataError, ValueError, FloatingPointError) as error:
-        print(f"vrp-eval run: {error}", file=sys.stderr)
+        report = run_probe(loaded, settings, output_dir=output, overwrite=args.overwrite, examples=examples)
+    except VrpError as error:
         if (output / "pass1.partial.jsonl").exists():
-            print(f"vrp-eval run: the samples finished so far are kept in {output}; run the same command again "
-                  "to resume", file=sys.stderr)
-        return 2
-    task = args.task_name or _task_name(args.dataset)
+            error.add_note(f"the samples finished so far are kept in {output}; once the problem above is fixed, "
+                           "the same command resumes from them")
+        raise
+    task = args.task_name or _task_name(settings.dataset)
     config = {
         "model_name": loaded.model_name, "model_sha": loaded.model_sha, "model_dtype": loaded.dtype,
         "model_family": loaded.family, "model_num_parameters": loaded.num_parameters(),
-        "vrp_eval_version": __version__, "dataset": args.dataset, "split": args.split, "task": task,
+        "vrp_eval_version": __version__, "dataset": settings.dataset, "split": settings.split, "task": task,
         "probe": settings.to_dict(), "versions": _versions(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        results = build_results(config=config, task=task, metrics=report.metrics, details=report.details)
-    except ResultsError as error:
-        print(f"vrp-eval run: {error}", file=sys.stderr)
-        return 2
-    write_results(results, output / "results.json")
+    results = build_results(config=config, task=task, metrics=report.metrics, details=report.details)
+    write_results(results, output / RESULTS_FILE)
     pictures = write_pictures(output, f"{loaded.model_name} on {task}", report.metrics, report.details,
                               report.records)
     print(format_summary(loaded.model_name, task, report.metrics))
     if report.skipped:
         print(f"skipped {len(report.skipped)} samples whose image did not decode: {report.skipped[:10]}")
-    print(f"\nwrote {output / 'results.json'}, {output / 'samples.jsonl'}, " + ", ".join(str(p) for p in pictures))
+    print(f"\nwrote {output / RESULTS_FILE}, {output / 'samples.jsonl'}, " + ", ".join(str(p) for p in pictures))
     return 0

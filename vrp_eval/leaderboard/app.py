@@ -7,18 +7,26 @@ from the Hub with `snapshot_download`, or from a local folder:
     VRP_RESULTS_DIR=runs/ python app.py                     # every *.json below the folder
 
 Files that are not valid vrp-eval results are skipped and listed in a note above the table.
+
+Everything a results file says reaches the visitor as text: the model column is HTML built here (a link
+only to https://huggingface.co/<Hub id>), markdown gets `_markdown_text`, and the other components
+(table cells, choices, plots) show their values as text. The page loads nothing from other hosts.
 """
 from __future__ import annotations
 
+import html
 import math
 import os
+import re
+import string
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from vrp_eval.results import METRICS, ResultsError, model_slug, read_results
+from vrp_eval.results import METRICS, ResultsError, read_results
 
 TITLE = "VLM Reliability Leaderboard"
 #: Leaderboard columns share the SPEC vocabulary with results files and lmms-eval metrics.
@@ -30,6 +38,10 @@ PROVENANCE_COLUMNS = ["model_dtype", "model_sha", "dataset", "vrp_eval_version",
 COLUMNS = INFO_COLUMNS + METRIC_COLUMNS + PROVENANCE_COLUMNS
 SIZE_BUCKETS = [("<1B", 1e9), ("1-4B", 4e9), ("4-10B", 10e9), ("10-30B", 30e9), (">30B", math.inf)]
 UNKNOWN = "unknown"
+#: A Hub repo id: the only thing a model cell links to (https://huggingface.co/<id>).
+HUB_ID = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+#: Longest free-form value (a probe setting) the detail view shows before cutting it.
+SHOWN_LENGTH = 200
 
 ABOUT = """
 ## What is measured
@@ -121,7 +133,7 @@ def load_leaderboard(source: str | Path | None, cache_dir: str | Path | None = N
 
 
 def size_bucket(num_parameters) -> str:
-    if not isinstance(num_parameters, (int, float)) or num_parameters <= 0:
+    if not _number(num_parameters) or num_parameters <= 0:
         return UNKNOWN
     return next(name for name, upper in SIZE_BUCKETS if num_parameters < upper)
 
@@ -132,10 +144,30 @@ def _number(value, digits: int = 4):
     return round(value, digits) if isinstance(value, float) else value
 
 
-def _model_link(name: str, config: dict) -> str:
-    if model_slug(config) == name:  # a Hub id
-        return f"[{name}](https://huggingface.co/{name})"
-    return name
+def _markdown_text(value, limit: int | None = None) -> str:
+    """`value` as literal text inside Gradio markdown.
+
+    Every ASCII punctuation character becomes a numeric character reference, which markdown shows as
+    that character but never parses: no tag, image, link, autolink (`www.`, `a@b`, `http:`), emphasis,
+    code span, table cell or LaTeX delimiter can start. Control characters become spaces.
+    """
+    text = str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    return "".join(f"&#{ord(ch)};" if ch in string.punctuation else " " if unicodedata.category(ch) == "Cc" else ch
+                   for ch in text)
+
+
+def _model_cell(name: str) -> str:
+    """The model column's HTML: the escaped name, linked to its Hub page when it is a Hub id."""
+    if HUB_ID.fullmatch(name):
+        return f'<a href="https://huggingface.co/{name}" target="_blank" rel="noopener noreferrer">{html.escape(name)}</a>'
+    return html.escape(name)
+
+
+def _cell_text(cell: str) -> str:
+    """The name back from a `_model_cell` (plots show names as text, not HTML)."""
+    return html.unescape(re.sub(r"<[^>]*>", "", cell))
 
 
 def _layers(value) -> str:
@@ -151,7 +183,7 @@ def results_frame(board: Leaderboard) -> pd.DataFrame:
             low, high = _number(metrics.get("ece_ci_low")), _number(metrics.get("ece_ci_high"))
             params = config.get("model_num_parameters")
             row = {
-                "model": _model_link(config["model_name"], config), "task": task,
+                "model": _model_cell(config["model_name"]), "task": task,
                 "model_family": config.get("model_family") or UNKNOWN,
                 "params_b": _number(params / 1e9, 2) if _number(params) else None, "size": size_bucket(params),
                 "ece_ci": f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else "",
@@ -166,6 +198,13 @@ def results_frame(board: Leaderboard) -> pd.DataFrame:
             rows.append(row)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return frame.sort_values("ece", na_position="last", kind="stable").reset_index(drop=True)
+
+
+def filter_choices(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+    """The tasks, model families and size buckets present, for the filter boxes."""
+    sizes = set(frame["size"])
+    return (sorted(frame["task"].unique()), sorted(frame["model_family"].unique()),
+            [name for name, _ in SIZE_BUCKETS if name in sizes] + ([UNKNOWN] if UNKNOWN in sizes else []))
 
 
 def filter_frame(frame: pd.DataFrame, tasks, families, sizes) -> pd.DataFrame:
@@ -189,31 +228,39 @@ def detail_views(board: Leaderboard, key: str | None):
     return ("Pick a model above.", *empty)
 
 
+def _code(value, limit: int | None = None) -> str:
+    return f"<code>{_markdown_text(value, limit)}</code>"
+
+
 def _summary(obj: dict, task: str) -> str:
     config, metrics = obj["config"], obj["results"][task]
-    lines = [f"### {config['model_name']} on `{task}`", "",
+    integration = _number(metrics.get("integration_layer"))
+    lines = [f"### {_markdown_text(config['model_name'])} on {_code(task)}", "",
              (f"circuit layers **{_layers(metrics.get('circuit_layers')) or 'n/a'}**, "
               f"control layers {_layers(metrics.get('control_layers')) or 'n/a'}, "
-              f"integration layer **{metrics.get('integration_layer', 'n/a')}**"), "",
+              f"integration layer **{'n/a' if integration is None else integration}**"), "",
              "| metric | value | 95% CI |", "|---|---|---|"]
     for name, value in metrics.items():
         if name.endswith(("_ci_low", "_ci_high")) or isinstance(value, list):
             continue
         low, high = _number(metrics.get(f"{name}_ci_low")), _number(metrics.get(f"{name}_ci_high"))
         shown = _number(value, digits=12)
-        lines.append(f"| `{name}` | {'n/a' if shown is None else f'{shown:.4g}'} | "
+        lines.append(f"| {_code(name)} | {'n/a' if shown is None else f'{shown:.4g}'} | "
                      f"{f'[{low}, {high}]' if low is not None and high is not None else ''} |")
-    lines += ["", (f"**Provenance**: revision `{config['model_sha']}`, dtype `{config['model_dtype']}`, "
-                   f"dataset `{config['dataset']}` ({config['split']}, "
-                   f"revision `{config.get('dataset_revision') or 'n/a'}`), vrp-eval {config['vrp_eval_version']}, "
-                   f"created {config.get('created_at', 'n/a')}, file `{obj['_file']}`.")]
+    lines += ["", (f"**Provenance**: revision {_code(config['model_sha'])}, dtype {_code(config['model_dtype'])}, "
+                   f"dataset {_code(config['dataset'])} ({_markdown_text(config['split'])}, "
+                   f"revision {_code(config.get('dataset_revision') or 'n/a')}), "
+                   f"vrp-eval {_markdown_text(config['vrp_eval_version'])}, "
+                   f"created {_markdown_text(config.get('created_at') or 'n/a')}, file {_code(obj['_file'])}.")]
     if config.get("probe"):
-        lines.append("Probe settings: " + ", ".join(f"`{k}={v}`" for k, v in config["probe"].items()))
+        lines.append("Probe settings: " + ", ".join(_code(f"{k}={v}", SHOWN_LENGTH) for k, v in config["probe"].items()))
     return "\n".join(lines)
 
 
 def _pictures(details: dict):
-    bins = [b for b in details.get("reliability_bins", []) if b.get("count") and b.get("mean_confidence") is not None]
+    """Plot frames from a validated `details` entry (`null` parts give empty pictures)."""
+    bins = [b for b in details.get("reliability_bins") or []
+            if b["count"] and _number(b["mean_confidence"]) is not None and _number(b["mean_score"]) is not None]
     reliability = pd.DataFrame(
         [{"confidence": b["mean_confidence"], "accuracy": b["mean_score"], "series": "model"} for b in bins]
         + [{"confidence": x, "accuracy": x, "series": "perfect calibration"} for x in (0.0, 1.0)],
@@ -221,13 +268,13 @@ def _pictures(details: dict):
     curves = pd.DataFrame(
         [{"layer": layer, "ie": value, "group": group}
          for group, curve in (details.get("ie_curves") or {}).items()
-         for layer, value in enumerate(curve) if value is not None],
+         for layer, value in enumerate(curve) if _number(value) is not None],
         columns=["layer", "ie", "group"])
-    windows = [e for e in details.get("knockout_curve") or [] if isinstance(e, dict) and len(e.get("window") or []) == 2]
+    windows = details.get("knockout_curve") or []
     width = len(str(max((e["window"][1] for e in windows), default=0)))
     knockout = pd.DataFrame(
-        [{"window_start": entry["window"][0], "drop": entry.get("drop"), "window": _window_label(entry["window"], width)}
-         for entry in windows],
+        [{"window_start": entry["window"][0], "drop": _number(entry.get("drop")),
+          "window": _window_label(entry["window"], width)} for entry in windows],
         columns=["window_start", "drop", "window"])
     return reliability, curves, knockout
 
@@ -239,7 +286,7 @@ def _window_label(window: list[int], width: int) -> str:
 
 def scatter_frame(frame: pd.DataFrame) -> pd.DataFrame:
     points = frame.dropna(subset=["ece", "causal_acc_drop"]).copy()
-    points["model"] = points["model"].str.replace(r"^\[([^\]]+)\]\(.*\)$", r"\1", regex=True)
+    points["model"] = points["model"].map(_cell_text)
     return points[["model", "task", "model_family", "ece", "causal_acc_drop"]]
 
 
@@ -253,10 +300,11 @@ def _scatter_limits(points: pd.DataFrame) -> dict:
 
 
 def _note(board: Leaderboard) -> str:
-    lines = [f"**{board.problem}**"] if board.problem else []
+    lines = [f"**{_markdown_text(board.problem)}**"] if board.problem else []
     if board.skipped:
         lines.append(f"**Skipped {len(board.skipped)} file(s) that are not valid vrp-eval results:**\n")
-        lines += [f"- **{path}**: {reason}" for path, reason in (line.split(": ", 1) for line in board.skipped)]
+        lines += [f"- **{_markdown_text(path)}**: {_markdown_text(reason)}"
+                  for path, reason in (line.split(": ", 1) for line in board.skipped)]
     return "\n".join(lines)
 
 
@@ -265,19 +313,16 @@ def build_demo(results_dir_or_repo: str | Path | None = None, *, cache_dir: str 
     source = results_dir_or_repo or os.environ.get("VRP_RESULTS_DIR") or os.environ.get("VRP_RESULTS_REPO")
     board = load_leaderboard(source, cache_dir=cache_dir)
     frame = results_frame(board)
-    tasks = sorted(frame["task"].unique())
-    families = sorted(frame["model_family"].unique())
-    sizes = [name for name, _ in SIZE_BUCKETS if name in set(frame["size"])] + \
-            ([UNKNOWN] if UNKNOWN in set(frame["size"]) else [])
+    tasks, families, sizes = filter_choices(frame)
     entries = [_entry_key(obj, task) for obj in board.results for task in obj["results"]]
-    datatypes = ["markdown" if c == "model" else "number" if c in METRICS or c == "params_b" else "str"
+    datatypes = ["html" if c == "model" else "number" if c in METRICS or c == "params_b" else "str"
                  for c in COLUMNS]
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nCalibration, attention-confidence coupling and causal circuits of "
                     f"vision-language models, measured with vrp-eval. {len(board.results)} result file(s).")
         note = _note(board)
-        gr.Markdown(note, visible=bool(note), elem_id="skipped-note")
+        gr.Markdown(note, visible=bool(note), elem_id="skipped-note", latex_delimiters=[])
         with gr.Tabs():
             with gr.Tab("Leaderboard"):
                 with gr.Row():
@@ -297,7 +342,7 @@ def build_demo(results_dir_or_repo: str | Path | None = None, *, cache_dir: str 
             with gr.Tab("Model detail"):
                 entry = gr.Dropdown(entries, value=entries[0] if entries else None, label="model · task · dtype · revision")
                 summary, reliability, curves, knockout = detail_views(board, entries[0] if entries else None)
-                summary_md = gr.Markdown(summary, elem_id="model-summary")
+                summary_md = gr.Markdown(summary, elem_id="model-summary", latex_delimiters=[])
                 with gr.Row():
                     reliability_plot = gr.LinePlot(reliability, x="confidence", y="accuracy", color="series",
                                                    title="Reliability diagram", x_lim=[0, 1], y_lim=[0, 1],
@@ -318,7 +363,7 @@ def build_demo(results_dir_or_repo: str | Path | None = None, *, cache_dir: str 
                 gr.ScatterPlot(points, x="ece", y="causal_acc_drop", color="model_family", **_scatter_limits(points),
                                tooltip=["model", "task", "ece", "causal_acc_drop"],
                                title="Calibration error against causal accuracy drop",
-                               x_title="ECE (lower is better)", y_title="causal accuracy drop")
+                               x_title="ECE (lower is better)", y_title="causal accuracy drop", elem_id="ece-vs-drop")
             with gr.Tab("About"):
                 gr.Markdown(ABOUT)
     return demo
