@@ -94,7 +94,13 @@ def test_sharpness_and_mass_equal_eager_output_attentions(loaded, batch, eager_a
         assert sig.image_attention_mass == pytest.approx(np.mean(mass), abs=1e-5)
         assert sig.spatial_entropy_per_layer == pytest.approx(h_s, abs=1e-5)
         assert sig.spatial_layers == [2, 3]  # the second half of 4 layers
-        assert sig.spatial_entropy == pytest.approx(np.mean(h_s[2:]), abs=1e-5)
+        # H_s: the entropy of the ONE map averaged over the spatial layers (the source's definition);
+        # the mean of the per-layer entropies keeps its own name. The averaged map weights each layer
+        # by its image mass, so concavity bounds H_s below by the mass-weighted mean entropy.
+        assert sig.spatial_entropy == pytest.approx(spatial_entropy(np.mean([a.mean(0) for a in rows[2:]], axis=0)),
+                                                    abs=1e-5)
+        assert sig.spatial_entropy_layer_mean == pytest.approx(np.mean(h_s[2:]), abs=1e-5)
+        assert sig.spatial_entropy >= np.average(h_s[2:], weights=mass[2:]) - 1e-5
         assert sig.d_spatial_entropy[0] is None
         assert sig.d_spatial_entropy[1:] == pytest.approx(np.diff(h_s).tolist(), abs=1e-5)
         grid = loaded.adapter.image_grid(batch, row)
@@ -146,7 +152,8 @@ def test_layer_subset(loaded, batch):
         assert p.sharpness_per_layer[1] == f.sharpness_per_layer[1]
         assert p.sharpness == (f.sharpness_per_layer[1] + f.sharpness_per_layer[3]) / 2
         assert p.spatial_layers == [3]
-        assert p.spatial_entropy == f.spatial_entropy_per_layer[3]
+        assert p.spatial_entropy == f.spatial_entropy_per_layer[3]  # one spatial layer: its own map
+        assert p.spatial_entropy_layer_mean == f.spatial_entropy_per_layer[3]
 
 
 def test_attention_implementation_restored_after_run_and_after_error(loaded, batch):
@@ -177,6 +184,39 @@ def test_logit_lens_margin_at_the_last_layer_is_the_real_margin(loaded, batch):
         assert margins[row][-1] == pytest.approx(float(logits[row, target] - others.max()), abs=1e-6)
     assert margins[0][-1] >= 0
     assert len({round(m, 6) for m in margins[1]}) > 1, "earlier layers read a different state"
+    # Several targets per sample come from the same forward pass, each equal to its own call.
+    both = logit_lens_margin(loaded, batch, [(t, 5) for t in targets])
+    assert [b[0] for b in both] == margins
+    assert [b[1] for b in both] == logit_lens_margin(loaded, batch, [5] * len(targets))
+
+
+def test_truth_margin_is_negative_where_the_model_is_wrong():
+    # The truth margin reads the reference answer's token: on a sample the trained zoo model gets
+    # wrong it is negative at the last layer ("knew the truth, then lost it" needs that sign), while
+    # the margin of the model's own token is never negative there (the last-layer lens is the model).
+    from vrp_eval.data import load_examples
+    from vrp_eval.loading import load_model
+    from vrp_eval.probe import ProbeSettings, run_probe
+
+    loaded = load_model("tiny-llava", device="cpu")
+    examples = load_examples("vrp-synth", "validation", 48)
+    report = run_probe(loaded, ProbeSettings(signals=("logit_lens",), batch_size=16), examples=examples, progress=False)
+    wrong = [r for r in report.records if r.score == 0]  # no human gave this answer
+    agree = [r for r in report.records if r.answer == _most_frequent(examples, r.question_id)]
+    assert len(wrong) >= 3 and len(agree) >= 20
+    for record in wrong:
+        assert record.logit_lens_margin[-1] < 0 <= record.logit_lens_margin_predicted[-1]
+    for record in agree:  # the same token: the same numbers, bit for bit
+        assert record.logit_lens_margin == record.logit_lens_margin_predicted
+
+
+def _most_frequent(examples, question_id):
+    from collections import Counter
+
+    from vrp_eval.vqa import normalize_answer
+
+    (example,) = [e for e in examples if e.question_id == question_id]
+    return Counter(normalize_answer(a) for a in example.answers).most_common(1)[0][0]
 
 
 def test_self_consistency(loaded, batch):

@@ -16,11 +16,17 @@ Definitions, per layer l and head h, with a = the attention row over all keys an
     p = a_I / sum(a_I);  H = -sum p log p;  S = 1 - H / log N  (N = |I|)      sharpness
     m = sum(a_I)                                                                image attention mass
 Per sample both are averaged over heads, kept per layer, and averaged over the recorded layers.
-Spatial signals use the head-averaged map over the image grid, M = mean_h a_I, normalised q = M/sum(M):
-    H_s = -sum q log q (nats; averaged over `spatial_layers`, default the second half of the layers,
-    like the companion toolkit's layers 16-32 of 32), dH_s(l) = H_s(l) - H_s(l-1), and the DBSCAN
-    cluster count (eps 1.5, min_samples 3) of the grid coordinates of the top 10% of patches of M
-    averaged over the same layers.
+Spatial signals use the head-averaged map over the image grid, M_l = mean_h a_I at layer l, and
+the map averaged over `spatial_layers` (default the second half of the layers, like the companion
+toolkit's layers 16-32 of 32), M = mean_l M_l. With q = M / sum(M) (L1 normalisation):
+    H_s = -sum q log q in nats: the entropy of the ONE layer-averaged map, as the source defines it
+    ("Where Reliability Lives in VLMs", Eq. 1 and 3; the public VLM-Reliability-Probe code);
+    H_s(l) the same entropy of M_l alone, per layer; dH_s(l) = H_s(l) - H_s(l-1);
+    `spatial_entropy_layer_mean` = mean_l H_s(l), the earlier vrp-eval definition, kept under its own
+    name (M weights each layer by its image attention mass m_l, so by the concavity of entropy H_s is
+    at least the m-weighted mean of the H_s(l); the plain mean can be larger);
+    and the DBSCAN cluster count (eps 1.5, min_samples 3) of the grid coordinates of the top 10% of
+    patches of M.
 p is computed as a softmax of the image-key logits alone (equal to a_I / sum(a_I), and finite even
 when sum(a_I) underflows).
 
@@ -123,6 +129,7 @@ class AttentionSignals:
     image_attention_mass: float
     image_attention_mass_per_layer: list[float | None]
     spatial_entropy: float
+    spatial_entropy_layer_mean: float
     spatial_entropy_per_layer: list[float | None]
     d_spatial_entropy: list[float | None]
     cluster_count: int
@@ -262,16 +269,17 @@ class SharpnessRecorder(AttentionHook):
             for layer in range(1, num_layers):
                 if h_s[layer] is not None and h_s[layer - 1] is not None:
                     d_h[layer] = h_s[layer] - h_s[layer - 1]
-            cluster_map = np.mean([maps[l] for l in spatial], axis=0) if spatial else None
+            spatial_map = np.mean([maps[l] for l in spatial], axis=0) if spatial else None
             out.append(AttentionSignals(
                 sharpness=_mean(sharp[l] for l in recorded),
                 sharpness_per_layer=sharp,
                 image_attention_mass=_mean(mass[l] for l in recorded),
                 image_attention_mass_per_layer=mass,
-                spatial_entropy=_mean(h_s[l] for l in spatial),
+                spatial_entropy=spatial_entropy(spatial_map) if spatial_map is not None else float("nan"),
+                spatial_entropy_layer_mean=_mean(h_s[l] for l in spatial),
                 spatial_entropy_per_layer=h_s,
                 d_spatial_entropy=d_h,
-                cluster_count=cluster_count(cluster_map.reshape(grid)) if cluster_map is not None else 0,
+                cluster_count=cluster_count(spatial_map.reshape(grid)) if spatial_map is not None else 0,
                 n_image_tokens=n, grid=tuple(grid), spatial_layers=list(spatial),
             ))
         return out
@@ -313,10 +321,15 @@ def _final_norm(adapter) -> nn.Module:
 
 
 @torch.no_grad()
-def logit_lens_margin(loaded, batch, target_ids: Sequence[int]) -> list[list[float]]:
-    """Per sample, per decoder layer: the logit-lens margin of `target_ids[sample]` (the answer's
-    first token) at the last prompt position: final norm + lm_head on that layer's output, target
-    logit minus the largest other logit. Only the last position goes through the head."""
+def logit_lens_margin(loaded, batch, target_ids: Sequence[int] | Sequence[Sequence[int]]):
+    """Per sample, per decoder layer: the logit-lens margin of `target_ids[sample]` at the last
+    prompt position: final norm + lm_head on that layer's output, target logit minus the largest
+    other logit. Only the last position goes through the head, in one forward pass.
+
+    `target_ids` is one token per sample (returns [sample][layer]) or several per sample, e.g. the
+    reference answer's first token and the model's own (returns [sample][target][layer]). The final
+    norm makes this the standard logit lens (the companion toolkit reads the raw residual); at the
+    last layer it is the model's real margin."""
     adapter, model = loaded.adapter, loaded.model
     if len(target_ids) != batch["input_ids"].shape[0]:
         raise ValueError(f"{len(target_ids)} target ids for a batch of {batch['input_ids'].shape[0]}")
@@ -342,10 +355,39 @@ def logit_lens_margin(loaded, batch, target_ids: Sequence[int]) -> list[list[flo
     softcap = getattr(adapter.text_config, "final_logit_softcapping", None)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    target = torch.as_tensor(list(target_ids), device=logits.device).view(-1, 1, 1).expand(-1, logits.shape[1], 1)
-    target_logit = logits.gather(-1, target).squeeze(-1)
-    others = logits.scatter(-1, target, float("-inf")).amax(-1)
-    return (target_logit - others).tolist()
+    several = len(target_ids) > 0 and isinstance(target_ids[0], (list, tuple))
+    targets = torch.as_tensor([list(t) if several else [t] for t in target_ids], device=logits.device)  # (B, K)
+    margins = []
+    for k in range(targets.shape[1]):
+        target = targets[:, k].view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+        target_logit = logits.gather(-1, target).squeeze(-1)
+        others = logits.scatter(-1, target, float("-inf")).amax(-1)
+        margins.append(target_logit - others)  # (B, L)
+    out = torch.stack(margins, dim=1).tolist()  # (B, K, L)
+    return out if several else [m[0] for m in out]
+
+
+def reference_token_id(adapter, example) -> int | None:
+    """The first token of the reference answer, as the truth margin reads it: the correct option
+    letter (multiple choice), the most frequent human answer after VQA normalisation (VQA data; ties:
+    the first given), else the reference string; tokenised without special tokens. None when there
+    is no reference."""
+    from collections import Counter
+
+    from vrp_eval.vqa import normalize_answer
+
+    if example.kind == "mc":
+        text = example.reference
+    elif example.kind == "vqa" and example.answers:
+        # Counted after the official VQA normalisation, so "Two" and "2" are one answer; Counter
+        # keeps first-occurrence order, so a tie goes to the answer given first.
+        text = Counter(normalize_answer(a) for a in example.answers).most_common(1)[0][0]
+    elif example.answers:
+        text = example.answers[0]
+    else:
+        return None
+    ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return int(ids[0]) if ids else None
 
 
 def _normalise_answer(text: str) -> str:

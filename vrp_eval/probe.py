@@ -93,12 +93,14 @@ class SampleRecord:
     sharpness_per_layer: list[float] | None = None
     image_attention_mass: float | None = None
     image_attention_mass_per_layer: list[float] | None = None
-    spatial_entropy: float | None = None
+    spatial_entropy: float | None = None  # of the layer-averaged map (the source's H_s)
+    spatial_entropy_layer_mean: float | None = None  # mean of the per-layer entropies
     spatial_entropy_per_layer: list[float] | None = None
     d_spatial_entropy: list[float] | None = None
     cluster_count: int | None = None
     token_confidence: float | None = None
-    logit_lens_margin: list[float] | None = None
+    logit_lens_margin: list[float] | None = None  # truth margin: the reference answer's first token
+    logit_lens_margin_predicted: list[float] | None = None  # the model's own first token
     self_consistency: float | None = None
     # causal tracing
     p_clean: float | None = None
@@ -236,6 +238,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
             record.image_attention_mass_per_layer = sig.image_attention_mass_per_layer
             if "structural" in signals:
                 record.spatial_entropy = sig.spatial_entropy
+                record.spatial_entropy_layer_mean = sig.spatial_entropy_layer_mean
                 record.spatial_entropy_per_layer = sig.spatial_entropy_per_layer
                 record.d_spatial_entropy = sig.d_spatial_entropy
                 record.cluster_count = sig.cluster_count
@@ -246,10 +249,13 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
         for record, output in zip(records, outputs):
             record.token_confidence = token_confidence(output.token_probs)
     if "logit_lens" in signals:
-        from vrp_eval.attention import logit_lens_margin
+        from vrp_eval.attention import logit_lens_margin, reference_token_id
 
-        for record, margins in zip(records, logit_lens_margin(loaded, batch, target_ids)):
-            record.logit_lens_margin = margins
+        truth = [reference_token_id(loaded.adapter, example) for example in examples]
+        pairs = [(t if t is not None else own, own) for t, own in zip(truth, target_ids)]
+        for record, known, (truth_margin, own_margin) in zip(records, truth, logit_lens_margin(loaded, batch, pairs)):
+            record.logit_lens_margin = truth_margin if known is not None else None
+            record.logit_lens_margin_predicted = own_margin
     if "consistency" in signals:
         from vrp_eval.attention import self_consistency
 
