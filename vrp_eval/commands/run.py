@@ -116,6 +116,10 @@ def _from_lmms(args: argparse.Namespace) -> int:
     return 0
 
 
+class OutputError(VrpError, ValueError):
+    """The output folder cannot take this run; the message says why and what to do."""
+
+
 def prepare_output(folder: Path, overwrite: bool, *, resumable: bool) -> None:
     """Check, before any work, that `folder` can hold this run's files and holds no other run's.
 
@@ -142,10 +146,6 @@ def prepare_output(folder: Path, overwrite: bool, *, resumable: bool) -> None:
     except OSError as error:
         raise OutputError(f"--output {folder} cannot be written ({error.strerror or error}): "
                           "choose a folder you can write to") from None
-
-
-class OutputError(VrpError, ValueError):
-    """The output folder cannot take this run; the message says why and what to do."""
 
 
 def main(args: argparse.Namespace) -> int:
