@@ -6,7 +6,9 @@ bins and curves are made deterministically from them so each model's pictures di
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from pathlib import Path
 
 from vrp_eval.results import build_results
 
@@ -77,3 +79,57 @@ def sample_results() -> list[dict]:
         }
         out.append(build_results(config=config, task=TASK, metrics=metrics, details=details))
     return out
+
+
+# --- an lmms-eval run of a vrp_* task, as lmms-eval 0.7.3 lays it out on disk ------------------------
+
+LMMS_TASK = "vrp_synth"
+
+
+def write_lmms_run(folder: Path, *, model: str = "llava-hf/llava-1.5-7b-hf", date: str | float = "20261202_051009",
+                   timezone: str | None = None, n: int = 16) -> Path:
+    """`<date>_results.json` + `<date>_samples_vrp_synth.jsonl` of `lmms-eval --model vrp --tasks vrp_synth
+    --limit n --log_samples`; returns the results file.
+
+    As lmms-eval 0.7.3 writes them: `date` is `YYYYMMDD_HHMMSS` in the zone of `--timezone` (recorded in
+    `config.resolved_cli_args` when `timezone` is given, left out as a Python-API run leaves it), the data is
+    `dataset_path: parquet` with absolute `data_files`, and `n-samples` has the task's size and the limit.
+    Every logged response ends with the sample's vrp-eval record (a vrp-eval 0.1 samples log). Sample i is
+    right when i is even, with confidence 0.3 + 0.15 (i mod 5): a hand-checkable accuracy of 1/2.
+    """
+    from vrp_eval.lmms import PAYLOAD_FORMAT, encode_response
+    from vrp_eval.probe import ProbeSettings
+
+    stem = date if isinstance(date, str) else "20240101_000000"
+    settings = ProbeSettings(dataset=LMMS_TASK, split="validation", limit=n).to_dict()
+    model_info = {"model_name": model, "model_sha": hashlib.sha1(model.encode()).hexdigest(), "model_dtype": "float32",
+                  "model_family": "llava", "vrp_eval_version": "0.1.0"}
+    lines = []
+    for i in range(n):
+        confidence = 0.3 + 0.15 * (i % 5)
+        answer = "red" if i % 2 == 0 else "blue"
+        record = {"question_id": i, "question": "what colour is the square?", "answer": answer,
+                  "score": float(i % 2 == 0), "confidence": confidence, "confidence_product": confidence,
+                  "confidence_first_token": confidence, "confidence_length_norm": confidence,
+                  "token_probs": [confidence], "reference": "red", "kind": "vqa"}
+        payload = {"format": PAYLOAD_FORMAT, "version": 1, "task": LMMS_TASK, "doc_id": i, "model": model_info,
+                   "settings": settings, "state": {"windows": [], "circuit": None, "control": None},
+                   "record": record}
+        lines.append(json.dumps({"doc_id": i, "filtered_resps": [encode_response(answer, payload)]}))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}_samples_{LMMS_TASK}.jsonl").write_text("\n".join(lines) + "\n")
+    config = {"model": "vrp", "model_args": f"pretrained={model}", "limit": n}
+    if timezone is not None:
+        config["resolved_cli_args"] = {"timezone": timezone, "tasks": LMMS_TASK, "limit": n}
+    results = {
+        "results": {LMMS_TASK: {"alias": LMMS_TASK, "accuracy,none": 0.5, "accuracy_stderr,none": "N/A",
+                                "n_samples,none": n}},
+        "configs": {LMMS_TASK: {"task": LMMS_TASK, "dataset_path": "parquet", "test_split": "validation",
+                                "dataset_kwargs": {"data_files": {
+                                    "validation": "/home/someone/.venv/lib/vrp_eval/tasks/vrp_synth/validation.parquet"}}}},
+        "n-samples": {LMMS_TASK: {"original": 1000, "effective": n}},
+        "config": config, "lmms_eval_version": "0.7.3", "date": date,
+    }
+    path = folder / f"{stem}_results.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path

@@ -1,6 +1,7 @@
 """`vrp-eval push` / `vrp-eval card` with the real huggingface_hub client against a loopback fake Hub."""
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 
@@ -8,12 +9,13 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from sample_results import TASK, sample_results
+from sample_results import LMMS_TASK, TASK, sample_results, write_lmms_run
 
 from vrp_eval.cli import main as cli
 from vrp_eval.hub import (
     PushError,
     card_metadata,
+    load_publishable,
     push_card,
     push_results,
     results_path,
@@ -174,3 +176,56 @@ def test_card_push_opens_a_pull_request_and_leaves_main_alone(fake_hub, results_
         assert cli(["card", str(results_file), "--push", "--endpoint", fake_hub.url]) == 0
     out, err = capsys.readouterr()
     assert "opened a pull request: " in out and "discussions/2" in out and fake_hub.token not in out + err
+
+
+# --- lmms-eval results files: what `push` takes, `card` takes too --------------------------------
+
+#: write_lmms_run's samples: confidences 0.3, 0.45, 0.6, 0.75, 0.9 (i mod 5), right when i is even. Each
+#: confidence has its own 15-bin ECE bin, so ECE = sum over them of n_c/16 * |c - accuracy_c|:
+#: 4/16*|.3-2/4| + 3/16*|.45-1/3| + 3/16*|.6-2/3| + 3/16*|.75-1/3| + 3/16*|.9-2/3|.
+LMMS_ECE = 4 / 16 * 0.2 + 3 / 16 * (0.45 - 1 / 3) + 3 / 16 * (2 / 3 - 0.6) + 3 / 16 * (0.75 - 1 / 3) + 3 / 16 * (0.9 - 2 / 3)
+
+
+@pytest.mark.parametrize("date, timezone, created, path", [
+    # lmms-eval 0.7.3's default --timezone is Asia/Singapore (UTC+8), whatever the machine's zone
+    ("20261202_051009", None, "2026-12-01T21:10:09+00:00", "results_2026-12-01T21-10-09.json"),
+    # a run with --timezone America/Los_Angeles (December: PST, UTC-8), which the CLI records
+    ("20261202_051009", "America/Los_Angeles", "2026-12-02T13:10:09+00:00", "results_2026-12-02T13-10-09.json"),
+    # unix seconds, as lm-eval-style harnesses write `date`
+    (calendar.timegm((2026, 12, 2, 5, 10, 9)) + 0.25, None, "2026-12-02T05:10:09+00:00",
+     "results_2026-12-02T05-10-09.json"),
+])
+def test_an_lmms_eval_run_is_published_with_its_time_in_utc_and_its_data_named(tmp_path, date, timezone, created,
+                                                                               path):
+    obj = load_publishable(write_lmms_run(tmp_path, date=date, timezone=timezone))
+    assert obj["config"]["created_at"] == created
+    assert results_path(obj) == f"llava-hf/llava-1.5-7b-hf/{path}"
+    # `dataset_path: parquet` is a file loader: the task, whose YAML names the files, stands for the data
+    assert obj["config"]["dataset"] == LMMS_TASK and obj["config"]["task"] == LMMS_TASK
+    assert obj["results"][LMMS_TASK]["n_samples"] == 16
+
+
+def test_card_accepts_the_lmms_eval_files_that_push_accepts(tmp_path, capsys):
+    results_file = write_lmms_run(tmp_path / "out")
+    assert cli(["push", str(results_file), "--repo", REPO, "--dry-run"]) == 0
+    assert "llava-hf/llava-1.5-7b-hf/results_2026-12-01T21-10-09.json" in capsys.readouterr().out
+
+    readme = tmp_path / "README.md"
+    assert cli(["card", str(results_file), "--output", str(readme)]) == 0
+    assert capsys.readouterr().out == f"wrote {readme}\n"
+    name, results = model_index_to_eval_results(yaml.safe_load(readme.read_text().split("---")[1])["model-index"])
+    by_metric = {r.metric_type: r for r in results}
+    assert name == "llava-hf/llava-1.5-7b-hf"
+    assert by_metric["accuracy"].metric_value == 0.5  # 8 of the 16 samples are right
+    # the same sums in another order: a few ulps apart at most
+    assert by_metric["ece"].metric_value == pytest.approx(LMMS_ECE, abs=1e-12)
+    assert by_metric["ece"].task_name == LMMS_TASK and by_metric["ece"].dataset_type == LMMS_TASK
+    assert by_metric["ece"].metric_args["n_samples"] == 16
+
+    assert cli(["card", str(results_file), "--lmms-task", LMMS_TASK]) == 0  # the YAML on stdout
+    assert yaml.safe_load(capsys.readouterr().out)["model-index"][0]["name"] == "llava-hf/llava-1.5-7b-hf"
+    # what push refuses, card refuses with the same message
+    for command in ("push", "card"):
+        args = ["--repo", REPO, "--dry-run"] if command == "push" else []
+        assert cli([command, str(results_file), "--lmms-task", "vrp_other", *args]) == 2
+        assert "task 'vrp_other' is not in" in capsys.readouterr().err

@@ -80,14 +80,19 @@ def test_short_answer_metrics_equal_run_probe(lm_eval_run, text_model):
     # so the same batches through the same kernels; JSON keeps every float's repr (measured identical).
     for name in ("accuracy", *lm.RELIABILITY_METRICS):
         assert f"{name},none" in task, name
-        _same(report.metrics.get(name, math.nan), task[f"{name},none"], name, tol=0)
+        if name != "n_probed":  # the harness's count of samples that carry a record
+            _same(report.metrics.get(name, math.nan), task[f"{name},none"], name, tol=0)
+    assert task["n_probed,none"] == LIMIT
     # The causal part is really there: a trace, a circuit window and a held-out drop.
     assert task["n_heldout,none"] > 0 and len(task["circuit_layers,none"]) == 2
     assert not math.isnan(task["causal_acc_drop,none"]) and not math.isnan(task["ece,none"])
-    # Per sample: lm-eval's accuracy is the record's score, and the logged response carries the record.
+    # Per sample: the response is the plain answer (what any lm-eval model returns), lm-eval's
+    # accuracy is the record's score, and the samples log holds the record as n_probed's value.
     for sample, record in zip(logged, report.records):
-        answer, payload = lm.decode_response(sample["filtered_resps"][0])
-        assert answer == record.answer and payload["record"]["confidence"] == record.confidence  # exact, as above
+        response = sample["filtered_resps"]
+        assert (response if isinstance(response, str) else response[0]) == record.answer
+        payload = json.loads(sample["n_probed"])
+        assert payload["record"]["confidence"] == record.confidence  # exact, as above
         assert sample["accuracy"] == record.score
 
 
@@ -184,3 +189,38 @@ def test_build_text_llama_trains_and_loads(tmp_path):
     report = train_text_llama(tmp_path, steps=3, n_train=64, n_eval=8)
     assert report["steps"] == 3 and (tmp_path / "training_report.json").exists()
     assert load_text_model(tmp_path, device="cpu").adapter.num_layers == 4
+
+
+@pytest.mark.slow
+def test_lm_eval_models_run_through_the_entry_point(lm_eval_run, tmp_path):
+    """`python -m vrp_eval.lm` passes lm-eval's own models through (`--model hf` once failed with
+    "Supported model names: vrp-lm"), and on the multiple-choice task `hf` scores as `vrp-lm` does:
+    both sum the options' token log-probabilities of the same tokens (lm-eval's TemplateLM encoding)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "vrp_eval.lm", "--model", "hf", "--model_args", f"pretrained={TINY_TEXT_LLAMA}",
+               "--tasks", "vrp_text_synth_mc", "--device", "cpu", "--output_path", str(tmp_path),
+               "--limit", str(LIMIT), "--log_samples"]
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    [results_file] = tmp_path.glob("*/results_*.json")
+    results = json.loads(results_file.read_text())
+    assert results["config"]["model"] == "hf"
+    [path] = tmp_path.glob("*/samples_vrp_text_synth_mc_2*.jsonl")
+    theirs = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+    vrp_results, samples = lm_eval_run
+    ours = samples["vrp_text_synth_mc"]
+    assert [s["doc_id"] for s in theirs] == [s["doc_id"] for s in ours] and len(ours) == LIMIT
+    for hf_sample, vrp_sample in zip(theirs, ours):
+        # hf scores one request at a time, vrp-lm in right-padded batches of 16: float32 round-off only,
+        # 1.2e-6 (1 ulp of |ll| <= 9) measured on these 40 documents; 1e-5 is ~10 ulp. The smallest gap
+        # between an option and the best one there is 1.2e-3, so no argmax can flip: accuracy is exact.
+        assert [float(r[0][0]) for r in hf_sample["resps"]] == pytest.approx(
+            [float(r[0][0]) for r in vrp_sample["resps"]], abs=1e-5)
+        assert hf_sample["accuracy"] == vrp_sample["accuracy"]
+    task, vrp_task = results["results"]["vrp_text_synth_mc"], vrp_results["results"]["vrp_text_synth_mc"]
+    # The same aggregation (default settings whatever the model) of confidences that differ by the
+    # round-off above: the metrics differ by at most 4e-8 (measured), no ECE bin changes.
+    for name in ("accuracy", *lm.CALIBRATION_METRICS):
+        _same(vrp_task[f"{name},none"], task[f"{name},none"], name, tol=1e-6)
+    assert 0 < task["accuracy,none"] < 1

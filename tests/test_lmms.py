@@ -47,7 +47,9 @@ def _lmms_eval(args, tmp_path):
 
 # --- the payload ------------------------------------------------------------------------------
 
-def test_payload_round_trips_through_lmms_eval_stripping():
+def test_earlier_inline_payloads_still_round_trip_through_lmms_eval_stripping():
+    """vrp-eval before the record channel appended the record to the answer; its cached responses
+    and samples logs still read."""
     record = {"answer": "two </vrp-record> <vrp-record>", "confidence": 0.25, "ie": {"last": [0.1, float("nan")]}}
     text = encode_response(record["answer"], {"format": lmms.PAYLOAD_FORMAT, "doc_id": 3, "record": record})
     answer, payload = decode_response(("  " + text + "\n").strip())  # lmms-eval strips responses
@@ -116,18 +118,22 @@ def test_task_prompts_are_the_upstream_tasks_prompts(task_manager):
     from vrp_eval.data import to_example
 
     manager = task_manager
-    for task, upstream in (("vrp_synth", "vqav2_val"), ("vrp_synth_mc", "scienceqa_img")):
+    for task, upstream in (("vrp_synth", "vqav2_val"), ("vrp_scienceqa_img", "scienceqa_img")):
         ours = load_yaml_config(manager.task_index[task]["yaml_path"], mode="full")
         theirs = load_yaml_config(manager.task_index[upstream]["yaml_path"], mode="full")
         # the same function (lmms-eval loads the upstream utils.py by path, we import it)
         assert ours["doc_to_text"].__code__.co_filename == theirs["doc_to_text"].__code__.co_filename
         assert ours["doc_to_text"].__qualname__ == theirs["doc_to_text"].__qualname__
         assert ours["lmms_eval_specific_kwargs"]["default"] == theirs["lmms_eval_specific_kwargs"]["default"]
+    # vrp_synth and vrp_synth_mc ask what `vrp-eval run` asks on the same row (multiple choice under
+    # the default likelihood scoring: the open question; the options are scored, not listed)
+    for task in ("vrp_synth", "vrp_synth_mc"):
+        ours = load_yaml_config(manager.task_index[task]["yaml_path"], mode="full")
         data = Path(lmms.tasks_dir(), ours["dataset_kwargs"]["data_files"]["validation"])
         doc = datasets.load_dataset("parquet", data_files=str(data), split="train")[0]
         context = ours["doc_to_text"](doc, ours["lmms_eval_specific_kwargs"]["default"])
-        # ... and what `vrp-eval run` asks on the same row
         assert context == to_example(doc, 0).prompt_text(DEFAULT_POST_PROMPT)
+        assert context.endswith(DEFAULT_POST_PROMPT) and "A. " not in context
 
 
 def test_the_probe_sees_the_task_context(random_tiny_dirs, monkeypatch):
@@ -157,11 +163,19 @@ def test_process_results_scores_the_plain_answer_with_the_upstream_metric(task_m
     for doc in docs:
         for answer in {a["answer"] for a in doc["answers"]}:
             expected = vqav2_process_results(copy.deepcopy(doc), [answer])["exact_match"]
+            lmms.RECORDS.clear()
             plain = config["process_results"](doc, [answer])
             payload = {"format": lmms.PAYLOAD_FORMAT, "doc_id": 0, "record": {"answer": answer}}
-            probed = config["process_results"](doc, [encode_response(answer, payload)])
-            assert plain["accuracy"] == probed["accuracy"] == expected
-            assert plain["ece"].payload is None and probed["ece"].payload == payload
+            # the backend's record, left in the channel for this document (with its image; the
+            # harness passes the document without it) and this answer
+            lmms.RECORDS.put(dict(doc), answer, payload)
+            probed = config["process_results"]({k: v for k, v in doc.items() if k != "image"}, [answer])
+            inline = config["process_results"](doc, [encode_response(answer, payload)])  # an earlier vrp-eval
+            assert plain["accuracy"] == probed["accuracy"] == inline["accuracy"] == expected
+            assert plain["ece"].payload is None and probed["ece"].payload == inline["ece"].payload == payload
+            # the samples log gets the record once, as n_probed's value
+            assert json.loads(str(probed["n_probed"])) == payload and str(probed["ece"]) == "vrp-record"
+    lmms.RECORDS.clear()
     assert len({a["answer"] for doc in docs for a in doc["answers"]}) > 5
     assert math.isnan(lmms.reliability_aggregation("ece")([plain["ece"]]))
     assert lmms.reliability_aggregation("n_samples")([plain["n_samples"]] * 3) == 3
@@ -208,7 +222,11 @@ def test_lmms_eval_cli_reports_what_run_probe_computes(family, random_tiny_dirs,
         _assert_close(reported[name], expected, name)
     # the per-sample records travel in the samples log
     (samples,) = tmp_path.glob("**/*_samples_vrp_synth.jsonl")
-    logged = [decode_response(json.loads(line)["filtered_resps"])[1]["record"] for line in samples.read_text().splitlines()]
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    # the responses are the plain answers, as any backend's; the records are n_probed's values
+    responses = [r if isinstance(r := line["filtered_resps"], str) else r[0] for line in lines]  # logged unwrapped
+    assert responses == [r.answer for r in report.records]
+    logged = [json.loads(line["n_probed"])["record"] for line in lines]
     assert len(logged) == LIMIT
     for record, expected in zip(logged, report.records):
         for key, value in expected.__dict__.items():
@@ -252,8 +270,37 @@ def test_an_ordinary_backend_reports_accuracy_and_warns_once(tmp_path):
                                   "--tasks", "vrp_synth,vrp_synth_mc", "--limit", "12"], tmp_path)
     for task in ("vrp_synth", "vrp_synth_mc"):
         values = results["results"][task]
-        assert values["accuracy,none"] >= 0 and values["n_samples,none"] == 12
-        assert all(math.isnan(values[f"{name},none"]) for name in RELIABILITY_METRICS if name != "n_samples")
+        assert values["accuracy,none"] >= 0 and values["n_samples,none"] == 12 and values["n_probed,none"] == 0
+        assert all(math.isnan(values[f"{name},none"]) for name in RELIABILITY_METRICS
+                   if name not in ("n_samples", "n_probed"))
     # 'yes' is right on the synth existence / spatial yes-no questions: the task's own metric scored it
     assert results["results"]["vrp_synth"]["accuracy,none"] > 0
     assert output.count("--model vrp") == 1
+
+
+def test_samples_survive_the_pickling_that_gathers_them_across_processes():
+    """lmms-eval sends every rank's per-sample metric values to rank 0 with pickle."""
+    import pickle
+
+    from vrp_eval.harness import LoggedRecord, RecordSample
+
+    payload = {"format": lmms.PAYLOAD_FORMAT, "doc_id": 4, "record": {"answer": "red", "confidence": 0.5}}
+    sample = RecordSample(4, 1.0, payload)
+    for value in (sample, sample.logged()):
+        back = pickle.loads(pickle.dumps(value))
+        assert type(back) is type(value)
+        assert (back.doc_id, back.task_score, back.payload, back.key) == (4, 1.0, payload, sample.key)
+        assert str(back) == str(value)
+    assert isinstance(sample.logged(), LoggedRecord) and json.loads(str(sample.logged())) == payload
+
+
+def test_sharded_calibration_skips_images_that_do_not_decode():
+    """With on_bad_image=skip, each process offers only samples whose image decodes for the shared
+    noise calibration, as one process calibrates after dropping the bad ones."""
+    from vrp_eval.data import load_examples
+
+    examples = load_examples(str(SYNTH), limit=5)
+    examples[1].image = b"not an image"
+    kept, ids = lmms._usable(examples, [10, 11, 12, 13, 14], 3, skip_bad=True)
+    assert ids == [10, 12, 13] and kept == [examples[0], examples[2], examples[3]]
+    assert lmms._usable(examples, [10, 11, 12, 13, 14], 3, skip_bad=False)[1] == [10, 11, 12, 13, 14]

@@ -1,6 +1,7 @@
 """The versioned results schema: build, validate, NaN round trip, clear errors."""
 from __future__ import annotations
 
+import calendar
 import copy
 import json
 import math
@@ -22,6 +23,7 @@ from vrp_eval.results import (
     loads_results,
     model_slug,
     read_results,
+    utc_created_at,
     validate_results,
     write_results,
 )
@@ -94,6 +96,7 @@ BIN = {"lo": 0.0, "hi": 0.5, "count": 2, "mean_confidence": 0.3, "mean_score": 0
     (lambda o: o["config"].update(model_family=["llava"]), "`config.model_family`"),
     (lambda o: o["config"].update(created_at=20250101), "`config.created_at`"),
     (lambda o: o["config"].update(created_at="0001-01-01T00:00:00+14:00"), "`config.created_at`"),
+    (lambda o: o["config"].update(created_at="20251301_000000"), "`config.created_at`"),  # lmms-eval form, month 13
     (lambda o: o["results"].update({"": {"ece": 0.1}}), "`results`"),
     (lambda o: o["results"]["t"].update(n_samples=2**60), "`results.t.n_samples`"),
     (lambda o: o["results"]["t"].update(circuit_layers=[-1, 2]), "`results.t.circuit_layers`"),
@@ -115,6 +118,33 @@ def test_validation_errors_name_the_field_and_the_fix(mutate, field):
         validate_results(broken)
     message = str(error.value)
     assert field in message and ";" in message  # "<field> <problem>; <fix>"
+
+
+@pytest.mark.parametrize("written, zone, stored", [
+    ("2025-06-01T10:00:00+00:00", None, "2025-06-01T10:00:00+00:00"),  # what `vrp-eval run` writes: unchanged
+    ("2025-06-01T12:00:00+02:00", None, "2025-06-01T10:00:00+00:00"),  # another offset: the same moment
+    ("2025-06-01T10:00:00", None, "2025-06-01T10:00:00+00:00"),  # no offset: UTC, as vrp-eval always wrote
+    ("2025-06-01T10:00:00.250000Z", None, "2025-06-01T10:00:00.250000+00:00"),  # fractions are kept
+    ("20250601_180000", None, "2025-06-01T10:00:00+00:00"),  # lmms-eval's default zone, Singapore: UTC+8
+    ("20250601_060000", "America/New_York", "2025-06-01T10:00:00+00:00"),  # its --timezone; June: EDT, UTC-4
+    ("20251201_050000", "America/New_York", "2025-12-01T10:00:00+00:00"),  # December: EST, UTC-5
+    ("2025-06-01T06:00:00", "America/New_York", "2025-06-01T10:00:00+00:00"),  # the zone of any offset-less time
+    (calendar.timegm((2025, 6, 1, 10, 0, 0)) + 0.7, None, "2025-06-01T10:00:00+00:00"),  # unix seconds
+])
+def test_created_at_is_stored_as_iso_utc(written, zone, stored):
+    assert utc_created_at(written, zone) == stored
+
+
+def test_old_files_load_with_created_at_normalised_to_utc():
+    """Files pushed before created_at was normalised (an lmms-eval conversion kept lmms-eval's text) load,
+    and what is written back (what `push` uploads) holds ISO UTC."""
+    for written, stored in (("20250601_180000", "2025-06-01T10:00:00+00:00"),
+                            ("2025-06-01T15:30:00+05:30", "2025-06-01T10:00:00+00:00")):
+        back = loads_results(_file_text('"created_at": "2025-06-01T10:00:00+00:00"', f'"created_at": "{written}"'))
+        assert back["config"]["created_at"] == stored
+        assert f'"created_at": "{stored}"' in dumps_results(back)
+    with pytest.raises(ResultsError, match="`config.created_at` is in time zone 'Mars/Olympus'"):
+        utc_created_at("20250601_180000", "Mars/Olympus")
 
 
 def test_newer_schema_version_asks_for_an_upgrade():

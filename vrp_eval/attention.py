@@ -367,17 +367,17 @@ def logit_lens_margin(loaded, batch, target_ids: Sequence[int] | Sequence[Sequen
     return out if several else [m[0] for m in out]
 
 
-def reference_token_id(adapter, example) -> int | None:
-    """The first token of the reference answer, as the truth margin reads it: the correct option
-    letter (multiple choice), the most frequent human answer after VQA normalisation (VQA data; ties:
-    the first given), else the reference string; tokenised without special tokens. None when there
-    is no reference."""
+def reference_token_id(adapter, example, mc_scoring: str = "likelihood") -> int | None:
+    """The first token of the reference answer, as the truth margin reads it: the correct option's
+    text (multiple choice scored by likelihood) or letter (scored by letter), the most frequent human
+    answer after VQA normalisation (VQA data; ties: the first given), else the reference string;
+    tokenised without special tokens. None when there is no reference."""
     from collections import Counter
 
     from vrp_eval.vqa import normalize_answer
 
     if example.kind == "mc":
-        text = example.reference
+        text = example.reference_for(mc_scoring)
     elif example.kind == "vqa" and example.answers:
         # Counted after the official VQA normalisation, so "Two" and "2" are one answer; Counter
         # keeps first-occurrence order, so a tie goes to the answer given first.

@@ -42,13 +42,23 @@ class Example:
 
     @property
     def reference(self) -> str:
+        """The answer as the letter prompt asks for it (multiple choice: the option letter)."""
         if self.kind == "mc":
             return OPTION_LETTERS[self.answer_index]
         return self.answers[0] if self.answers else ""
 
-    def prompt_text(self, post_prompt: str) -> str:
-        """The question as the model sees it (before the family's chat template)."""
-        if self.kind == "mc":
+    def reference_for(self, mc_scoring: str) -> str:
+        """The reference answer as scored under `mc_scoring`: multiple choice by likelihood names the
+        correct option's text, by letter its letter."""
+        if self.kind == "mc" and mc_scoring == "likelihood":
+            return self.choices[self.answer_index]
+        return self.reference
+
+    def prompt_text(self, post_prompt: str, mc_scoring: str = "likelihood") -> str:
+        """The question as the model sees it (before the family's chat template). Multiple choice
+        scored by letter lists the lettered options and asks for the letter; scored by likelihood it
+        is asked like an open question, and each option's text is scored as the answer."""
+        if self.kind == "mc" and mc_scoring == "letter":
             options = "\n".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
             return f"{self.question}\n{options}{MC_POST_PROMPT}"
         return f"{self.question}{post_prompt}"

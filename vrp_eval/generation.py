@@ -3,7 +3,8 @@
 Confidence (SPEC 3): the product of the generated answer's token probabilities, EOS excluded, read
 from the raw logits (not from the logits processors' output). Also the first-token probability, the
 length-normalised (geometric-mean) confidence and, for multiple choice, the softmax over the option
-letters at the first answer position.
+letters at the first answer position (`generate_answers`, letter scoring) or over the options'
+log-likelihoods (`option_answers`, likelihood scoring, as lm-eval's multiple-choice tasks score).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vrp_eval.data import OPTION_LETTERS
 from vrp_eval.errors import VrpError
 from vrp_eval.loading import LoadedModel
 
@@ -31,6 +33,7 @@ class AnswerOutput:
     first_token_id: int
     first_token_prob: float
     option_probs: dict[str, float] | None = None
+    option_index: int | None = None  # likelihood scoring: the index of the chosen option
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -104,3 +107,119 @@ def generate_answers(
             first_token_prob=float(logprobs[row, 0, first].exp()), option_probs=option_probs,
         ))
     return results
+
+
+def _option_token_ids(tokenizer, option: str) -> list[int]:
+    """The tokens of an option's text as the model writes it as the answer (no special tokens)."""
+    ids = tokenizer(option, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"option {option!r} tokenizes to nothing; give every choice some text")
+    return list(ids)
+
+
+class _ForceTokens:
+    """A logits processor that makes greedy generation write `targets[:, step]` (B, S)."""
+
+    def __init__(self, targets: torch.Tensor, prompt_len: int):
+        self.targets, self.prompt_len = targets, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        forced = self.targets[:, step].to(scores.device)
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(1, forced[:, None], 0.0)
+
+
+def _raw_logprobs(loaded: LoadedModel, inputs: dict[str, Any], steps: int, targets: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """(B, steps, V) log-probabilities from the raw logits of `steps` generation steps, writing
+    `targets` when given (greedy otherwise). Through `generate`, so hooks, caches and position ids
+    are exactly those of answering."""
+    from transformers import LogitsProcessorList
+
+    adapter = loaded.adapter
+    processors = LogitsProcessorList([_ForceTokens(targets, inputs["input_ids"].shape[1])]) if targets is not None else None
+    out = loaded.model.generate(
+        **inputs, do_sample=False, max_new_tokens=steps, min_new_tokens=steps, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=adapter.tokenizer.pad_token_id, eos_token_id=adapter.eos_token_ids,
+        num_beams=1, temperature=None, top_p=None, top_k=None, logits_processor=processors,
+    )
+    logits = torch.stack(out.logits, dim=1)
+    logprobs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # float32 at least
+    if not torch.isfinite(logprobs[:, 0]).all():
+        raise ModelOutputError(
+            "the model produced NaN or infinite logits for the first answer token; try dtype=float32 "
+            "or check the weights (records computed so far are kept)"
+        )
+    return logprobs
+
+
+@torch.no_grad()
+def option_answers(loaded: LoadedModel, batch, choices: Sequence[Sequence[str]]) -> list[AnswerOutput]:
+    """Multiple choice by likelihood, for an encoded (left-padded) batch: each option's text is
+    scored as the answer, log p(option) = the sum of its tokens' log-probabilities (lm-eval's `acc`);
+    the answer is the option with the largest (the first on ties), its confidence the softmax over
+    the options' log-likelihoods. Single-token options all read the first answer position of one
+    generation step; each longer option adds one forced generation. Hooks active around the call
+    (knockouts, corruptions, attention recorders) apply as they do to greedy answering."""
+    adapter = loaded.adapter
+    inputs = {k: (v.to(loaded.device) if torch.is_tensor(v) else v) for k, v in adapter.model_inputs(batch).items()}
+    if len(choices) != inputs["input_ids"].shape[0]:
+        raise ValueError(f"{len(choices)} option lists for a batch of {inputs['input_ids'].shape[0]} samples")
+    ids = [[_option_token_ids(adapter.tokenizer, option) for option in row] for row in choices]
+    if any(not row for row in ids):
+        raise ValueError("a multiple-choice sample without options")
+    first = _raw_logprobs(loaded, inputs, 1, None)[:, 0]  # (B, V): shared by every option's first token
+    token_logprobs: list[list[list[float]]] = [
+        [[float(first[r, option[0]])] for option in row] for r, row in enumerate(ids)]
+    for j in range(max(len(row) for row in ids)):
+        longer = [r for r, row in enumerate(ids) if j < len(row) and len(row[j]) > 1]
+        if not longer:
+            continue
+        steps = max(len(ids[r][j]) for r in longer)
+        # Rows without a long j-th option write their first option (ignored), padded by EOS.
+        targets = torch.full((len(ids), steps), adapter.eos_token_ids[0], dtype=torch.long)
+        for r, row in enumerate(ids):
+            option = row[j] if r in longer else row[0][:1]
+            targets[r, :len(option)] = torch.tensor(option)
+        logprobs = _raw_logprobs(loaded, inputs, steps, targets)
+        for r in longer:
+            option = ids[r][j]
+            token_logprobs[r][j] = [float(logprobs[r, s, option[s]]) for s in range(len(option))]
+    results = []
+    for r, row in enumerate(choices):
+        lls = torch.tensor([sum(values) for values in token_logprobs[r]], dtype=torch.float64)
+        probs = (lls - lls.max()).exp()
+        probs = probs / probs.sum()
+        pred = int(torch.argmax(lls))
+        chosen = token_logprobs[r][pred]
+        results.append(AnswerOutput(
+            text=str(row[pred]), token_ids=list(ids[r][pred]), token_probs=[math.exp(v) for v in chosen],
+            first_token_id=int(ids[r][pred][0]), first_token_prob=math.exp(chosen[0]),
+            option_probs={letter: float(p) for letter, p in zip(OPTION_LETTERS, probs)}, option_index=pred,
+        ))
+    return results
+
+
+
+@torch.no_grad()
+def continuation_loglikelihoods(loaded: LoadedModel, batch, continuations: Sequence[str]) -> list[tuple[float, bool]]:
+    """lm-eval's log-likelihood request for an encoded (left-padded) batch: per row, (the sum of
+    the continuation's token log-probabilities as the answer, whether greedy decoding writes exactly
+    those tokens). The continuation is tokenised as `option_answers` tokenises an option."""
+    adapter = loaded.adapter
+    inputs = {k: (v.to(loaded.device) if torch.is_tensor(v) else v) for k, v in adapter.model_inputs(batch).items()}
+    if len(continuations) != inputs["input_ids"].shape[0]:
+        raise ValueError(f"{len(continuations)} continuations for a batch of {inputs['input_ids'].shape[0]} samples")
+    ids = [_option_token_ids(adapter.tokenizer, text) for text in continuations]
+    steps = max(len(row) for row in ids)
+    targets = torch.full((len(ids), steps), adapter.eos_token_ids[0], dtype=torch.long)
+    for r, row in enumerate(ids):
+        targets[r, :len(row)] = torch.tensor(row)
+    logprobs = _raw_logprobs(loaded, inputs, steps, targets)
+    out = []
+    for r, row in enumerate(ids):
+        picked = logprobs[r, torch.arange(len(row)), torch.tensor(row)]
+        greedy = bool((logprobs[r, :len(row)].argmax(-1).cpu() == torch.tensor(row)).all())
+        out.append((float(picked.sum()), greedy))
+    return out

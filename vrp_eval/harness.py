@@ -1,12 +1,15 @@
 """What the lmms-eval glue (`vrp_eval.lmms`) and the lm-eval glue (`vrp_eval.lm`) share.
 
-A harness hands a task one string per request, so a vrp-eval backend answers with the plain answer
-followed by the sample's record as JSON between markers (`encode_response`); the task's
-`process_results` splits it (`decode_response`), scores the plain answer and gives every
-reliability metric the sample's `RecordSample`; the aggregations rebuild the records
-(`records_from_payloads`) and call `probe.aggregate` once per task (`Summaries`). Model arguments
-arrive as text and become `ProbeSettings` fields through `vrp_eval.options` (one parser for the CLI,
-lmms-eval and lm-eval).
+A harness takes one string per request from a backend and gives a task's `process_results` only
+the document and those strings. A vrp-eval backend answers exactly as any backend does (the plain
+answer, so every task, `vrp_*` or not, scores it with its own code) and leaves each sample's record
+in this process's `RECORDS` channel, keyed by the document's content and the answer; a `vrp_*`
+task's `process_results` takes it from there, scores the plain answer and gives every reliability
+metric the sample's `RecordSample`; the aggregations rebuild the records (`records_from_payloads`)
+and call `probe.aggregate` once per task (`Summaries`). `n_probed`'s per-sample value is logged as
+the record itself, so `--log_samples` keeps every record once (`vrp-eval run --from-lmms` reads it
+back). Model arguments arrive as text and become `ProbeSettings` fields through `vrp_eval.options`
+(one parser for the CLI, lmms-eval and lm-eval).
 
 Nothing here imports a harness, so both glue modules (and `vrp-eval run --from-lmms`) use it.
 """
@@ -28,7 +31,7 @@ PAYLOAD_VERSION = 1
 #: What a vrp-eval task reports beside `accuracy`, each aggregated over all samples by
 #: `probe.aggregate` (SPEC names, their CIs / p-values / Spearman).
 RELIABILITY_METRICS: tuple[str, ...] = (
-    "n_samples", "mean_confidence",
+    "n_samples", "n_probed", "mean_confidence",
     "ece", "ece_ci_low", "ece_ci_high", "mce", "ace", "brier",
     *(f"{name}{suffix}" for name in ("attn_conf_r", "attn_acc_r", "attn_overconf_r")
       for suffix in ("", "_ci_low", "_ci_high", "_p", "_rho")),
@@ -78,6 +81,73 @@ def decode_response(text: str, payload_format: str) -> tuple[str, dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------
+# The channel: records from the backend to the task, in one process
+# --------------------------------------------------------------------------------------------
+
+_SKIP = object()
+
+
+def _plain(value: Any) -> Any:
+    """`value` if it is JSON data (scalars, lists, dicts of them), else _SKIP: images, audio and
+    bytes, which harnesses drop from the documents they hand to `process_results`."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _SKIP if any(v is _SKIP for v in items.values()) else items
+    return _SKIP
+
+
+def doc_key(doc: dict[str, Any]) -> str:
+    """A document's identity from its JSON-data fields (media left out): the same for the document a
+    backend reads and the media-free copy the harness passes to `process_results`."""
+    fields = {k: v for k, v in ((k, _plain(v)) for k, v in doc.items()) if v is not _SKIP}
+    text = json.dumps(fields, sort_keys=True, default=str, allow_nan=True)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+class RecordChannel:
+    """Per-sample records a vrp-eval backend leaves for its tasks' `process_results` in this process
+    (each process of a multi-process run holds its own shard's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        self.ambiguous = 0
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+            self.ambiguous = 0
+
+    def put(self, doc: dict[str, Any], answer: str, payload: dict[str, Any]) -> None:
+        with self._lock:
+            self._records.setdefault(doc_key(doc), []).append((answer.strip(), payload))
+
+    def get(self, doc: dict[str, Any], answer: str, task: str | None = None) -> dict[str, Any] | None:
+        """The record of `doc` answered `answer` (by task `task` when the same document was in
+        several tasks); None when there is none (another backend, or a response replayed by
+        lmms-eval's `--use_cache`) or when several records remain (counted in `ambiguous`)."""
+        with self._lock:
+            candidates = self._records.get(doc_key(doc), [])
+            for keep in (lambda a, p: a == answer.strip(), lambda a, p: p.get("task") == task):
+                if len(candidates) > 1 and any(keep(a, p) for a, p in candidates):
+                    candidates = [(a, p) for a, p in candidates if keep(a, p)]
+            if len(candidates) == 1:
+                return candidates[0][1]
+            if candidates:
+                self.ambiguous += 1
+            return None
+
+
+#: The records of this process's vrp-eval backend (`vrp` under lmms-eval, `vrp-lm` under lm-eval).
+RECORDS = RecordChannel()
+
+
+# --------------------------------------------------------------------------------------------
 # Model arguments
 # --------------------------------------------------------------------------------------------
 
@@ -100,24 +170,57 @@ class RecordSample:
 
     __slots__ = ("doc_id", "key", "payload", "task_score")
 
-    def __init__(self, doc_id: Any, task_score: float, payload: dict[str, Any] | None):
+    def __init__(self, doc_id: Any, task_score: float, payload: dict[str, Any] | None, key: str | None = None):
         self.doc_id = doc_id
         self.task_score = task_score
         self.payload = payload
-        text = json.dumps(payload, sort_keys=True, default=json_default) if payload is not None else ""
-        self.key = hashlib.sha1(f"{doc_id}\x00{task_score}\x00{text}".encode()).hexdigest()
+        if key is None:
+            text = json.dumps(payload, sort_keys=True, default=json_default) if payload is not None else ""
+            key = hashlib.sha1(f"{doc_id}\x00{task_score}\x00{text}".encode()).hexdigest()
+        self.key = key
 
     def __str__(self) -> str:
         return "vrp-record" if self.payload is not None else "no-vrp-record"
 
     __repr__ = __str__
 
-    def __getstate__(self):
-        return {name: getattr(self, name) for name in self.__slots__}
+    def logged(self) -> LoggedRecord:
+        """The same sample, written out in full by a samples log (`n_probed`'s per-sample value)."""
+        return LoggedRecord(self.doc_id, self.task_score, self.payload, key=self.key)
+
+    def __getstate__(self):  # RecordSample's slots: a subclass (LoggedRecord) adds none and must send these
+        return {name: getattr(self, name) for name in RecordSample.__slots__}
 
     def __setstate__(self, state):
         for name, value in state.items():
             setattr(self, name, value)
+
+
+class LoggedRecord(RecordSample):
+    """A `RecordSample` whose text (what harnesses write to the samples log) is its record as JSON,
+    or "no-vrp-record"."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        if self.payload is None:
+            return "no-vrp-record"
+        return json.dumps(self.payload, default=json_default, separators=(",", ":"))
+
+    __repr__ = __str__
+
+
+def logged_payload(value: Any) -> dict[str, Any] | None:
+    """The record a samples log holds as `n_probed`'s value (`LoggedRecord`), else None."""
+    if not isinstance(value, str) or not value.startswith("{"):
+        return None
+    payload = json.loads(value)
+    return payload if isinstance(payload, dict) and "record" in payload else None
+
+
+def sample_values(sample: RecordSample, names: tuple[str, ...]) -> dict[str, RecordSample]:
+    """Every reliability metric's per-sample value: the sample, and for `n_probed` the logged record."""
+    return {name: sample.logged() if name == "n_probed" else sample for name in names}
 
 
 def records_from_payloads(payloads: list[dict[str, Any]]):
@@ -179,8 +282,9 @@ def aggregate_probed(samples: list[RecordSample], warn_none: Callable[[], None])
     probed = [s for s in samples if s.payload is not None]
     if not probed:
         warn_none()
-        return {"n_samples": len(samples)}
+        return {"n_samples": len(samples), "n_probed": 0}
     metrics, _ = aggregate(*records_from_payloads([s.payload for s in probed]))
+    metrics["n_probed"] = len(probed)
     if len(probed) < len(samples):
         metrics["n_skipped"] = len(samples) - len(probed)
     return metrics

@@ -2,7 +2,10 @@
 
     from vrp_eval.hub import push_results, card_metadata, push_card
     report = push_results("runs/x/results.json", "my-org/vrp-results")   # token: HF_TOKEN or stored login
-    print(card_metadata(read_results("runs/x/results.json")))             # model-index YAML
+    print(card_metadata("runs/x/results.json"))                           # model-index YAML
+
+Each takes a results object, a vrp-eval results file, or an lmms-eval results file of a `--model vrp`
+run (`load_publishable`), so `vrp-eval push` and `vrp-eval card` accept the same files.
 
 The dataset layout is the one template leaderboards read: `<org>/<model>/results_<timestamp>.json`,
 the timestamp being the results' own `config.created_at` in UTC. The same results therefore always
@@ -12,11 +15,12 @@ pushed again. Tokens are passed to huggingface_hub and never printed, logged or 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,13 @@ from vrp_eval.errors import VrpError
 from vrp_eval.results import (
     LAYER_RANGE_METRICS,
     METRICS,
+    SCHEMA,
     ResultsError,
+    build_results,
     dumps_results,
     model_slug,
     read_results,
+    utc_created_at,
     validate_results,
 )
 
@@ -77,10 +84,8 @@ def results_path(obj: dict) -> str:
     slug = model_slug(obj["config"])
     created = obj["config"].get("created_at")
     if created:
-        when = datetime.fromisoformat(str(created))
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+        when = datetime.fromisoformat(utc_created_at(created))
+        stamp = when.strftime("%Y-%m-%dT%H-%M-%S")
         if when.microsecond:
             stamp += f".{when.microsecond:06d}"
     else:
@@ -88,10 +93,23 @@ def results_path(obj: dict) -> str:
     return f"{slug}/results_{stamp}.json"
 
 
-def _load(path_or_obj: str | Path | dict) -> dict:
-    if isinstance(path_or_obj, dict):
-        return validate_results(path_or_obj)
-    return read_results(path_or_obj)
+def load_publishable(source: str | Path | dict, lmms_task: str | None = None) -> dict:
+    """Validated results from an object, a vrp-eval results file, or an lmms-eval results file of a
+    `--model vrp` run: that one is converted through the samples log beside it, as `vrp-eval run
+    --from-lmms` does, with `lmms_task` choosing among several vrp_* tasks. ResultsError or
+    LmmsResultsError (both ValueErrors) say what is wrong."""
+    if isinstance(source, dict):
+        return validate_results(source)
+    try:  # a sniff for lmms-eval files only: read_results below validates (and reports) everything else
+        head = json.loads(Path(source).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        head = None
+    if isinstance(head, dict) and head.get("schema") != SCHEMA and "lmms_eval_version" in head:
+        from vrp_eval.lmms_results import read_lmms_results
+
+        run = read_lmms_results(source, task=lmms_task)
+        return build_results(config=run.config, task=run.task, metrics=run.metrics, details=run.details)
+    return read_results(source)
 
 
 def _resolve_token(token: str | None) -> str:
@@ -147,7 +165,7 @@ def push_results(path_or_obj: str | Path | dict, repo_id: str, *, token: str | N
     file anywhere in the model's folder means nothing is committed (`action="skipped"`); a *different*
     file at the same path (same `created_at`, other content) is refused rather than overwritten.
     """
-    obj = _load(path_or_obj)
+    obj = load_publishable(path_or_obj)
     data = dumps_results(obj).encode("utf-8")
     path_in_repo = results_path(obj)
     blob_id = git_blob_id(data)
@@ -244,13 +262,13 @@ def card_metadata(results: dict | str | Path) -> str:
     """The model-index YAML (no `---` fences) for `results` (an object or a results file)."""
     from huggingface_hub import ModelCardData
 
-    obj = _load(results)
+    obj = load_publishable(results)
     return ModelCardData(model_name=obj["config"]["model_name"], eval_results=eval_results(obj)).to_yaml()
 
 
 def write_card(results: dict | str | Path, path: str | Path) -> Path:
     """Write or update the card at `path`: vrp-eval's model-index entries are replaced, the rest is kept."""
-    obj = _load(results)
+    obj = load_publishable(results)
     path = Path(path)
     existing = path.read_text(encoding="utf-8") if path.exists() else None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +281,7 @@ def push_card(results: dict | str | Path, repo_id: str, *, token: str | None = N
     """Open a pull request on model repo `repo_id` whose README carries the results' model-index; its URL."""
     from huggingface_hub.errors import EntryNotFoundError
 
-    obj = _load(results)
+    obj = load_publishable(results)
     api = _api(token, endpoint)
     try:
         # A throwaway cache: the card is read once, and a stale cached README must not be merged.

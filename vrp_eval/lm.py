@@ -5,18 +5,18 @@
 
 lm-eval 0.4.13 has no plugin entry point for models, so `python -m vrp_eval.lm` imports this module
 (which registers `vrp-lm` with `@register_model`) and then runs lm-eval's own CLI with the same
-arguments; it adds `--include_path <vrp_eval/tasks_lm>` when none is given.
+arguments; it adds `--include_path <vrp_eval/tasks_lm>` when none is given. Every model of lm-eval's
+runs through it too (`--model hf ...`). Plain `lm_eval` cannot reach `vrp-lm`: it builds the model
+before it imports any task code, so only lm-eval's own models run the `vrp_text_*` tasks there
+(`lm_eval --model hf ... --include_path <vrp_eval/tasks_lm>`).
 
 Short answer (`generate_until`, task `vrp_text_synth`). As the lmms-eval backend does
 (vrp_eval/lmms.py), `VRPLM.generate_until` runs the very `probe.run_probe` that the Python API runs,
-once per task, on a `TextAdapter` (vrp_eval/textlm.py: the subject sentence plays the image), and
-answers with the plain answer followed by the sample's record as JSON:
-
-    <plain answer>\\n<vrp-record>{"format": "vrp-eval/lm-record", "record": {...}, ...}</vrp-record>
-
-`process_results` splits it, scores the plain answer, and the aggregations rebuild the records and
-call `probe.aggregate`: calibration, attention sharpness, causal trace, knockout circuit and causal
-drop, under the SPEC names.
+once per task, on a `TextAdapter` (vrp_eval/textlm.py: the subject sentence plays the image), answers
+with the plain answer (what any lm-eval model returns, so every task scores it with its own code) and
+leaves each sample's record in `harness.RECORDS`. `process_results` scores the plain answer and takes
+the record from there; the aggregations rebuild the records and call `probe.aggregate`: calibration,
+attention sharpness, causal trace, knockout circuit and causal drop, under the SPEC names.
 
 Multiple choice (`loglikelihood`, task `vrp_text_synth_mc`). `loglikelihood` returns lm-eval's own
 (log-probability, is-greedy) tuples, so any multiple-choice task scores as with `--model hf`. The
@@ -43,7 +43,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from vrp_eval import harness
-from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: F401
+from vrp_eval.harness import PAYLOAD_VERSION, RECORDS
 from vrp_eval.options import OPTIONS, option
 
 PAYLOAD_FORMAT = "vrp-eval/lm-record"
@@ -69,13 +69,9 @@ def tasks_dir() -> Path:
 # The payload: a record inside the response string
 # --------------------------------------------------------------------------------------------
 
-def encode_response(answer: str, payload: dict[str, Any]) -> str:
-    """`answer` followed by `payload` between the vrp-record markers (`harness.encode_response`)."""
-    return harness.encode_response(answer, payload)
-
-
 def decode_response(text: str) -> tuple[str, dict[str, Any] | None]:
-    """(plain answer, payload or None) of a response; None for any model other than `vrp-lm`."""
+    """(plain answer, payload or None) of a response; the payload only in a response of an earlier
+    vrp-eval, which appended the record to the answer (`harness.encode_response`)."""
     return harness.decode_response(text, PAYLOAD_FORMAT)
 
 
@@ -204,8 +200,8 @@ class VRPLM(TemplateLM):
         return dataclasses.replace(self.settings, **changes)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Probe every request (one `run_probe` per task, in document order) and answer with the plain
-        answer followed by the sample's record (module docstring)."""
+        """Probe every request (one `run_probe` per task, in document order), answer with the plain
+        answer and leave each sample's record in `harness.RECORDS` (module docstring)."""
         from vrp_eval import __version__
         from vrp_eval.probe import run_probe
         from vrp_eval.textlm import text_example
@@ -214,6 +210,7 @@ class VRPLM(TemplateLM):
         for position, request in enumerate(requests):
             by_task[request.task_name][int(request.doc_id)].append(position)
         responses: list[str | None] = [None] * len(requests)
+        RECORDS.clear()
         for task, positions_of in by_task.items():
             doc_ids = sorted(positions_of)
             firsts = [requests[positions_of[doc_id][0]] for doc_id in doc_ids]
@@ -229,14 +226,14 @@ class VRPLM(TemplateLM):
                      "control": list(report.state.control) if report.state and report.state.control else None}
             for doc_id, request, record in zip(doc_ids, firsts, report.records):
                 answer = _cut(record.answer, request.args[1].get("until"))
-                text = encode_response(answer, {
+                RECORDS.put(request.doc, answer, {
                     "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id,
                     "model": {"model_name": self.loaded.model_name, "model_sha": self.loaded.model_sha,
                               "model_dtype": self.loaded.dtype, "model_family": self.loaded.family,
-                              "vrp_eval_version": __version__},
+                              "model_num_parameters": self.loaded.num_parameters(), "vrp_eval_version": __version__},
                     "settings": settings.to_dict(), "state": state, "record": dataclasses.asdict(record)})
                 for position in positions_of[doc_id]:
-                    responses[position] = text
+                    responses[position] = answer
         return responses  # type: ignore[return-value]
 
 
@@ -259,16 +256,20 @@ def _cut(answer: str, until: Any) -> str:
 RecordSample = harness.RecordSample
 
 
-def generate_process_results(doc: dict[str, Any], results: list[str], *, answer_field: str = "answer"
-                             ) -> dict[str, Any]:
+def generate_process_results(doc: dict[str, Any], results: list[str], *, answer_field: str = "answer",
+                             task: str | None = None) -> dict[str, Any]:
     """Short answer: `accuracy` = exact match of the plain answer (vrp-eval's scorer, as the record's
     `score`), and the sample's record for every reliability metric."""
     from vrp_eval import vqa
 
     answer, payload = decode_response(results[0])
+    if payload is None:
+        payload = RECORDS.get(doc, answer, task)
+    if payload is not None and payload.get("format") != PAYLOAD_FORMAT:
+        payload = None
     score = float(vqa.exact_match(answer, [str(doc[answer_field])]))
     sample = RecordSample(payload["doc_id"] if payload else None, score, payload)
-    return {"accuracy": score, **{name: sample for name in RELIABILITY_METRICS}}
+    return {"accuracy": score, **harness.sample_values(sample, RELIABILITY_METRICS)}
 
 
 def choice_record(question_id: Any, question: str, choices: list[str], gold: int, loglikelihoods: list[float]):
@@ -327,10 +328,13 @@ reliability_aggregation = summarise.aggregation
 # --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vrp_eval.lm <lm-eval arguments>`: lm-eval's CLI with `vrp-lm` registered and the
-    `vrp_text_*` tasks on the include path."""
+    """`python -m vrp_eval.lm <lm-eval arguments>`: lm-eval's CLI with `vrp-lm` registered beside
+    every model lm-eval has, and the `vrp_text_*` tasks on the include path."""
     import sys
 
+    # lm-eval fills its model registry with its own models (lazy `module:class` entries) only when
+    # the registry is still empty at the first lookup; registering `vrp-lm` first would hide them all.
+    import lm_eval.models  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -2,20 +2,19 @@
 
     lmms-eval --model vrp --model_args pretrained=llava-hf/llava-1.5-7b-hf --tasks vrp_vqav2
 
-How a record reaches the metrics. lmms-eval hands a backend all requests at once and takes back one
-string per request; it has no side channel for per-sample extras. So `VRP.generate_until` builds an
-`Example` per request (the task's doc, its visual and the task's own prompt string), runs the very
-`run_probe` that `vrp-eval run` runs, once per task, and answers
-
-    <plain answer>\\n<vrp-record>{"record": {...}, "settings": {...}, ...}</vrp-record>
-
-The JSON never contains "<" (it is written as \\u003c), so the last "\\n<vrp-record>" always starts
-the payload, and the string survives `--use_cache` and `--log_samples` as it is. On the task side
-`process_results` splits the plain answer off, scores it with the upstream task's own function, and
-emits per metric a `VRPSample`; the aggregations rebuild the records in dataset order and call
-`probe.aggregate`, so lmms-eval and `vrp-eval run` report the same numbers from the same code.
-Run with any other backend, the tasks still report accuracy; the reliability metrics are NaN and
-one warning says to use `--model vrp`.
+How a record reaches the metrics. lmms-eval hands a backend all requests at once, takes back one
+string per request and gives a task's `process_results` only (doc, responses). `VRP.generate_until`
+builds an `Example` per request (the task's doc, its visual and the task's own prompt string), runs
+the very `run_probe` that `vrp-eval run` runs, once per task, and answers each request with the plain
+answer, as any backend does: every task, `vrp_*` or not, scores exactly that text with its own code.
+Each sample's record goes to `harness.RECORDS` (this process's channel, keyed by the document's
+content and the answer). A `vrp_*` task's `process_results` scores the plain answer with the upstream
+task's own function, takes the record from the channel and emits per metric a `RecordSample`; the
+aggregations rebuild the records in dataset order and call `probe.aggregate`, so lmms-eval and
+`vrp-eval run` report the same numbers from the same code. With `--log_samples`, `n_probed`'s
+per-sample value is the record as JSON (`vrp-eval run --from-lmms` reads it back). Run with any other
+backend, or on responses replayed by `--use_cache`, the tasks still report accuracy; the reliability
+metrics are NaN and one warning says why.
 
 Task discovery. lmms-eval imports this module through the `lmms_eval.models` entry point when
 `lmms_eval.models` is first imported, which its CLI does before it builds the TaskManager; importing
@@ -50,7 +49,7 @@ from lmms_eval.api.model import lmms
 
 from vrp_eval import harness
 from vrp_eval.data import Example
-from vrp_eval.harness import PAYLOAD_CLOSE, PAYLOAD_OPEN, PAYLOAD_VERSION  # noqa: F401
+from vrp_eval.harness import PAYLOAD_VERSION, RECORDS
 from vrp_eval.options import OPTIONS, option
 
 PAYLOAD_FORMAT = "vrp-eval/lmms-record"
@@ -70,12 +69,13 @@ def tasks_dir() -> Path:
 
 
 def encode_response(answer: str, payload: dict[str, Any]) -> str:
-    """`answer` followed by `payload` between the vrp-record markers (`harness.encode_response`)."""
+    """`answer` followed by `payload` between the vrp-record markers: how earlier vrp-eval backends
+    answered (`harness.encode_response`); kept to read their cached responses and samples logs."""
     return harness.encode_response(answer, payload)
 
 
 def decode_response(text: str) -> tuple[str, dict[str, Any] | None]:
-    """(plain answer, payload or None) of a response; None for any backend other than `vrp`."""
+    """(plain answer, payload or None) of a response; the payload only in an earlier vrp-eval response."""
     return harness.decode_response(text, PAYLOAD_FORMAT)
 
 
@@ -130,7 +130,7 @@ class ContextExample(Example):
 
     context: str = ""
 
-    def prompt_text(self, post_prompt: str) -> str:
+    def prompt_text(self, post_prompt: str, mc_scoring: str = "likelihood") -> str:
         return self.context
 
 
@@ -148,11 +148,32 @@ def _gather_records(records: list[Any]) -> list[Any]:
     return [record for part in gathered for record in part]
 
 
-def _global_first(examples: list[Any], doc_ids: list[int], n: int) -> list[Any]:
-    """The examples of the `n` smallest doc ids over every process, in doc order: what a single
-    process calibrates the noise scale on, so sharded runs estimate the same sigma."""
+def _usable(examples: list[Any], doc_ids: list[int], n: int, skip_bad: bool) -> tuple[list[Any], list[int]]:
+    """With `skip_bad` (on_bad_image=skip), this process's first `n` examples whose image decodes (the
+    run drops the others before it calibrates); else all of them."""
+    if not skip_bad:
+        return examples, doc_ids
+    from vrp_eval.data import DataError, load_image
+
+    kept: list[tuple[Any, int]] = []
+    for doc_id, example in sorted(zip(doc_ids, examples), key=lambda pair: pair[0]):
+        try:
+            load_image(example)
+        except DataError:
+            continue
+        kept.append((example, doc_id))
+        if len(kept) == n:
+            break
+    return [e for e, _ in kept], [i for _, i in kept]
+
+
+def _global_first(examples: list[Any], doc_ids: list[int], n: int, skip_bad: bool = False) -> list[Any]:
+    """The examples of the `n` smallest doc ids over every process, in doc order (with `skip_bad`,
+    of those whose image decodes): what a single process calibrates the noise scale on, so sharded
+    runs estimate the same sigma."""
     import torch.distributed as dist
 
+    examples, doc_ids = _usable(examples, doc_ids, n, skip_bad)
     world = dist.get_world_size()
     all_ids: list[Any] = [None] * world
     dist.all_gather_object(all_ids, list(doc_ids))
@@ -196,6 +217,7 @@ class VRP(lmms):
         if accelerator.num_processes > 1 and not (load_kwargs.get("device") or load_kwargs.get("device_map")):
             load_kwargs["device"] = str(accelerator.device)  # one device per process
         self.loaded = load_model(model_id, **load_kwargs)
+        self._num_parameters = self.loaded.num_parameters()
         self.accelerator = accelerator
         self._rank = accelerator.process_index
         self._world_size = accelerator.num_processes
@@ -221,15 +243,15 @@ class VRP(lmms):
             "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id,
             "model": {"model_name": loaded.model_name, "model_sha": loaded.model_sha,
                       "model_dtype": loaded.dtype, "model_family": loaded.family,
-                      "vrp_eval_version": __version__},
+                      "model_num_parameters": self._num_parameters, "vrp_eval_version": __version__},
             "settings": settings.to_dict(),
             "state": state,
             "record": dataclasses.asdict(record),
         }
 
     def generate_until(self, requests) -> list[str]:
-        """Probe every request (one `run_probe` per task, in dataset order) and answer with the plain
-        answer followed by the record (see the module docstring)."""
+        """Probe every request (one `run_probe` per task, in dataset order), answer with the plain
+        answer and leave each record in `harness.RECORDS` (see the module docstring)."""
         from vrp_eval.data import to_example
         from vrp_eval.probe import run_probe
 
@@ -239,11 +261,13 @@ class VRP(lmms):
             # Rank padding repeats a request: probe each document once.
             by_task[(task, split)][int(doc_id)].append(position)
         responses: list[str | None] = [None] * len(requests)
+        RECORDS.clear()
         for (task, split), positions_of in by_task.items():
-            examples = []
+            examples, docs = [], []
             for doc_id in sorted(positions_of):
                 context, gen_kwargs, doc_to_visual, _, _, _ = requests[positions_of[doc_id][0]].args
                 doc = self.task_dict[task][split][doc_id]
+                docs.append(doc)
                 visuals = [v for v in (doc_to_visual(doc) or []) if v is not None]
                 row = {**doc, "image": visuals[0] if visuals else None}
                 examples.append(_context_example(to_example(row, doc_id), context))
@@ -251,28 +275,53 @@ class VRP(lmms):
             reduce, calibration = None, None
             if self._world_size > 1:
                 reduce = _gather_records
-                calibration = _global_first(examples, sorted(positions_of), settings.n_calibration)
+                calibration = _global_first(examples, sorted(positions_of), settings.n_calibration,
+                                            skip_bad=settings.on_bad_image == "skip")
             report = run_probe(self.loaded, settings, examples=examples, progress=self.rank == 0, reduce=reduce,
                                calibration=calibration)
             state = _engine_state(report)
             records = iter(report.records)
             skipped = list(report.skipped)
-            for doc_id, example in zip(sorted(positions_of), examples):
+            for doc_id, example, doc in zip(sorted(positions_of), examples, docs):
                 if example.question_id in skipped:
                     skipped.remove(example.question_id)
                     text = ""  # no record: the aggregation counts it as skipped
                 else:
                     record = next(records)
-                    text = encode_response(record.answer, self._payload(task, doc_id, record, settings, state))
+                    text = record.answer
+                    RECORDS.put(doc, text, self._payload(task, doc_id, record, settings, state))
                 for position in positions_of[doc_id]:
                     responses[position] = text
         return responses  # type: ignore[return-value]
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError(
-            "the vrp backend answers generate_until tasks (the vrp_* tasks); loglikelihood tasks "
-            "carry no answer whose confidence and internals it could probe"
-        )
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """What any lmms-eval backend returns to a log-likelihood request: (log p(continuation |
+        context, image), whether greedy decoding writes the continuation), with the context in the
+        family's chat template and the continuation scored as the answer (leading whitespace
+        dropped, as a generated answer is stripped; `generation.continuation_loglikelihoods`).
+        No probe: such a task has no generated answer to probe."""
+        from tqdm import tqdm
+
+        from vrp_eval.data import DataError
+        from vrp_eval.generation import continuation_loglikelihoods
+
+        adapter = self.loaded.adapter
+        out: list[tuple[float, bool]] = []
+        size = self.settings.batch_size
+        for start in tqdm(range(0, len(requests), size), desc="vrp loglikelihood", disable=self.rank != 0):
+            images, prompts, continuations = [], [], []
+            for request in requests[start:start + size]:
+                context, target, doc_to_visual, doc_id, task, split = request.args
+                doc = self.task_dict[task][split][doc_id]
+                visuals = [v for v in (doc_to_visual(doc) or []) if v is not None]
+                if len(visuals) != 1:
+                    raise DataError(f"{task} document {doc_id} has {len(visuals)} images; the vrp backend scores "
+                                    "log-likelihoods of single-image documents")
+                images.append(visuals[0].convert("RGB"))
+                prompts.append(adapter.build_prompt(context))
+                continuations.append((target if isinstance(target, str) else target(doc)).lstrip())
+            out += continuation_loglikelihoods(self.loaded, adapter.encode(images, prompts), continuations)
+        return out
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("the vrp backend probes single-turn generate_until tasks only")
@@ -285,17 +334,29 @@ class VRP(lmms):
 VRPSample = harness.RecordSample  # the name lmms-eval task code has used
 
 
+def record_of(doc: dict[str, Any], response: str, task: str | None = None) -> tuple[str, dict[str, Any] | None]:
+    """(plain answer, the sample's record or None): the record the `vrp` backend left for this
+    document, answer and task in this process (earlier vrp-eval responses carry it inline)."""
+    answer, payload = decode_response(response)
+    if payload is None:
+        payload = RECORDS.get(doc, answer, task)
+    if payload is not None and payload.get("format") != PAYLOAD_FORMAT:
+        payload = None
+    return answer, payload
+
+
 def process_results(doc: dict[str, Any], results: list[str], *, score: Callable[[dict, list[str]], dict],
-                    score_key: str, extra_metrics: Iterable[str] = ()) -> dict[str, Any]:
+                    score_key: str, extra_metrics: Iterable[str] = (), task: str | None = None) -> dict[str, Any]:
     """Score the plain answer with the upstream task's `score(doc, [answer])`: `accuracy` is its
     `score_key`, `extra_metrics` pass through unchanged, and each reliability metric gets the
-    sample's `VRPSample`."""
-    answer, payload = decode_response(results[0])
+    sample's `VRPSample`. `task` (the task's name) tells apart the records of one document that
+    several tasks of a run asked with the same answer."""
+    answer, payload = record_of(doc, results[0], task)
     upstream = score(doc, [answer])
     task_score = float(upstream[score_key])
     doc_id = payload["doc_id"] if payload else None
     sample = VRPSample(doc_id, task_score, payload)
-    return {"accuracy": task_score, **{name: sample for name in RELIABILITY_METRICS},
+    return {"accuracy": task_score, **harness.sample_values(sample, RELIABILITY_METRICS),
             **{name: upstream[name] for name in extra_metrics}}
 
 
@@ -318,10 +379,17 @@ records_from_payloads = harness.records_from_payloads
 
 def _summarise(samples: list[VRPSample]) -> dict[str, Any]:
     metrics = harness.aggregate_probed(samples, lambda: _warn_once("backend", (
-        "vrp-eval: the responses carry no vrp-eval record, so the reliability metrics of the vrp_* "
+        "vrp-eval: no vrp-eval record reached these responses, so the reliability metrics of the vrp_* "
         "tasks (ece, attn_conf_r, causal_acc_drop, ...) are NaN; accuracy is unaffected. Run with "
-        "`--model vrp --model_args pretrained=<Hub id | local folder | zoo name>` to compute them."
+        "`--model vrp --model_args pretrained=<Hub id | local folder | zoo name>` to compute them "
+        "(without `--use_cache`: replayed responses carry no record)."
     )))
+    if RECORDS.ambiguous:
+        _warn_once("ambiguous", (
+            f"vrp-eval: {RECORDS.ambiguous} documents appear more than once with the same answer but "
+            "different records (the same rows in two vrp_* tasks of one run?); they count as unprobed. "
+            "Run those tasks separately."
+        ))
     probed = [s for s in samples if s.payload is not None]
     if not probed:
         return metrics

@@ -4,13 +4,13 @@
     run.metrics["ece"], run.records[0].confidence, run.config["model_name"]
 
 lmms-eval writes `<date>_results.json` and, with `--log_samples`, `<date>_samples_<task>.jsonl`
-beside it. Under `--model vrp` every logged response ends with the sample's record (see
-`vrp_eval.lmms`), so the records, the probe settings and the run-wide choices all come back, and
-`probe.aggregate` recomputes the same metrics and the details the pictures need.
+beside it. Under `--model vrp` every logged sample holds its record as `n_probed`'s value (see
+`vrp_eval.lmms`; logs of earlier vrp-eval versions carry it at the end of the response), so the
+records, the probe settings and the run-wide choices all come back, and `probe.aggregate` recomputes
+the same metrics and the details the pictures need.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,8 @@ def _samples_path(results_path: Path, task: str) -> Path:
 def read_lmms_results(results_path: str | Path, task: str | None = None,
                       samples_path: str | Path | None = None) -> LmmsRun:
     """Records, settings and metrics of one vrp_* task of an lmms-eval results file + samples log."""
-    from vrp_eval.lmms import decode_response, records_from_payloads
+    from vrp_eval.harness import logged_payload
+    from vrp_eval.lmms import PAYLOAD_FORMAT, decode_response, records_from_payloads
     from vrp_eval.probe import aggregate
 
     results_path = Path(results_path)
@@ -75,14 +76,17 @@ def read_lmms_results(results_path: str | Path, task: str | None = None,
         if not line.strip():
             continue
         try:
-            response = json.loads(line)["filtered_resps"]
-        except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+            logged = json.loads(line)
+            response = logged["filtered_resps"]
+            payload = logged_payload(logged.get("n_probed"))
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError, RecursionError):
             raise LmmsResultsError(f"{samples_path}:{number} is not an lmms-eval samples-log line (JSON with "
                                    "`filtered_resps`); pass the `--log_samples` file of the same run") from None
-        if isinstance(response, list):  # lmms-eval flattens one response per doc; older logs may not
-            response = response[0]
-        _, payload = decode_response(str(response))
-        if payload is None:
+        if payload is None:  # a log of an earlier vrp-eval: the record ends the response
+            if isinstance(response, list):  # lmms-eval flattens one response per doc; older logs may not
+                response = response[0]
+            _, payload = decode_response(str(response))
+        if payload is None or payload.get("format") != PAYLOAD_FORMAT:
             raise LmmsResultsError(
                 f"{samples_path}:{number} carries no vrp-eval record: the run used another backend. "
                 "Rerun with `lmms-eval --model vrp --model_args pretrained=<model>`."
@@ -96,17 +100,20 @@ def read_lmms_results(results_path: str | Path, task: str | None = None,
                 if key.endswith(",none") and "_stderr" not in key}
     created = results.get("date")
     from vrp_eval import __version__
+    from vrp_eval.results import dataset_label, utc_created_at
 
     config = {
         "vrp_eval_version": __version__,  # logs written before payloads carried it
         **payloads[0]["model"],
-        "dataset": (results.get("configs", {}).get(task) or {}).get("dataset_path"),
+        "dataset": dataset_label((results.get("configs", {}).get(task) or {}).get("dataset_path"), task),
         "split": settings.split, "task": task, "probe": settings.to_dict(),
         "versions": {"lmms-eval": results.get("lmms_eval_version")},
         "source": {"harness": "lmms-eval", "results": str(results_path), "samples": str(samples_path),
                    "n-samples": results.get("n-samples", {}).get(task)},
-        "created_at": (_dt.datetime.fromtimestamp(float(created), _dt.timezone.utc).isoformat(timespec="seconds")
-                       if isinstance(created, (int, float)) else created),
+        # lmms-eval 0.7.3 writes `date` as YYYYMMDD_HHMMSS in its --timezone (default Asia/Singapore, not the
+        # machine's zone), which its CLI records in config.resolved_cli_args
+        "created_at": None if created is None else utc_created_at(
+            created, zone=((results.get("config") or {}).get("resolved_cli_args") or {}).get("timezone")),
     }
     return LmmsRun(task=task, records=records, settings=settings, metrics=metrics, details=details,
                    config=config, reported=reported)

@@ -159,6 +159,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("post_prompt", "str", DEFAULT_POST_PROMPT, "text appended to each question", cli=False),
     Option("confidence", "choice", "product", "which per-sample confidence calibration uses (multiple choice: option)",
            choices=CONFIDENCE_KINDS),
+    Option("mc_scoring", "choice", "likelihood",
+           "multiple choice: score each option's text by its log-likelihood after the question (as lm-eval's "
+           "multiple-choice tasks do; confidence = softmax over the options), or read the option letter the "
+           "letter prompt asks for (softmax over the letters at the first answer position)",
+           choices=("likelihood", "letter")),
     Option("n_bins", "int", 15, "calibration bins (ECE, MCE; ACE groups)", minimum=1),
     Option("n_bootstrap", "int", 1000, "bootstrap resamples for confidence intervals (0: no intervals)", minimum=0),
     Option("seed", "int", 0, "seed of the noise, the bootstrap and the discovery / held-out split", minimum=0),

@@ -46,6 +46,7 @@ class ProbeSettings:
     max_new_tokens: int = DEFAULTS["max_new_tokens"]
     post_prompt: str = DEFAULTS["post_prompt"]
     confidence: str = DEFAULTS["confidence"]
+    mc_scoring: str = DEFAULTS["mc_scoring"]
     n_bins: int = DEFAULTS["n_bins"]
     n_bootstrap: int = DEFAULTS["n_bootstrap"]
     seed: int = DEFAULTS["seed"]
@@ -136,10 +137,20 @@ def score_answer(example: Example, answer: str) -> float:
     return float(vqa.exact_match(answer, example.answers))
 
 
+def score_output(example: Example, output: AnswerOutput, mc_scoring: str) -> float:
+    """The per-sample score of an answer: a multiple-choice answer scored by likelihood is right when
+    its option is the correct one; any other answer is scored by its text (`score_answer`)."""
+    if example.kind == "mc" and mc_scoring == "likelihood" and output.option_index is not None:
+        return float(output.option_index == example.answer_index)
+    return score_answer(example, output.text)
+
+
 def choose_confidence(output: AnswerOutput, kind: str, example: Example) -> float:
     if kind == "option" or (example.kind == "mc" and output.option_probs is not None):
         if output.option_probs is None:
             raise ValueError("confidence='option' needs multiple-choice data (choices + answer)")
+        if output.option_index is not None:  # likelihood scoring: the chosen option's probability
+            return list(output.option_probs.values())[output.option_index]
         from vrp_eval import vqa
 
         # The probability the model gives the option it chose; its top option if it named none.
@@ -173,7 +184,7 @@ class EngineState:
 def _encode(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings):
     adapter = loaded.adapter
     images = [load_image(e) for e in examples]
-    prompts = [adapter.build_prompt(e.prompt_text(settings.post_prompt)) for e in examples]
+    prompts = [adapter.build_prompt(e.prompt_text(settings.post_prompt, settings.mc_scoring)) for e in examples]
     return adapter.encode(images, prompts)
 
 
@@ -218,13 +229,13 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
     outputs = _generate(loaded, batch, settings, examples, hooks)
     records = []
     for example, output in zip(examples, outputs):
-        score = score_answer(example, output.text)
+        score = score_output(example, output, settings.mc_scoring)
         confidence = choose_confidence(output, settings.confidence, example)
         records.append(SampleRecord(
             question_id=example.question_id, question=example.question, answer=output.text, score=score,
             confidence=confidence, confidence_product=output.confidence,
             confidence_first_token=output.first_token_prob, confidence_length_norm=output.confidence_length_norm,
-            token_probs=output.token_probs, reference=example.reference, kind=example.kind,
+            token_probs=output.token_probs, reference=example.reference_for(settings.mc_scoring), kind=example.kind,
             option_probs=output.option_probs, meta=example.meta,
             reliability=float(statistics.reliability([confidence], [score])[0]),
             overconfidence=float(statistics.overconfidence([confidence], [score])[0]),
@@ -251,7 +262,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
     if "logit_lens" in signals:
         from vrp_eval.attention import logit_lens_margin, reference_token_id
 
-        truth = [reference_token_id(loaded.adapter, example) for example in examples]
+        truth = [reference_token_id(loaded.adapter, example, settings.mc_scoring) for example in examples]
         pairs = [(t if t is not None else own, own) for t, own in zip(truth, target_ids)]
         for record, known, (truth_margin, own_margin) in zip(records, truth, logit_lens_margin(loaded, batch, pairs)):
             record.logit_lens_margin = truth_margin if known is not None else None
@@ -274,10 +285,12 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
         rows = [i for i, r in enumerate(records) if r.half == "discovery"]
         if rows:
             sub = _select(batch, rows)
-            per_window = [knockout_answers(loaded, sub, window, max_new_tokens=settings.max_new_tokens)
+            sub_choices = _choices(settings, [examples[row] for row in rows])
+            per_window = [knockout_answers(loaded, sub, window, max_new_tokens=settings.max_new_tokens,
+                                           choices=sub_choices)
                           for window in state.windows]
             for j, row in enumerate(rows):
-                records[row].knockout_scores = [score_answer(examples[row], answers[j].text)
+                records[row].knockout_scores = [score_output(examples[row], answers[j], settings.mc_scoring)
                                                 for answers in per_window]
     return records
 
@@ -295,26 +308,44 @@ def heldout_batch(loaded: LoadedModel, examples: list[Example], records: list[Sa
 
         recorder = SharpnessRecorder.for_batch(loaded.adapter, batch)
         hooks.append(recorder)
+    choices = _choices(settings, examples)
     corrupted = corrupted_answers(loaded, batch, state.circuit, settings.noise, settings.noise_scale, state.sigma,
-                                  settings.seed, extra_hooks=hooks, max_new_tokens=settings.max_new_tokens)
+                                  settings.seed, extra_hooks=hooks, max_new_tokens=settings.max_new_tokens,
+                                  choices=choices)
     control = corrupted_answers(loaded, batch, state.control, settings.noise, settings.noise_scale, state.sigma,
-                                settings.seed, max_new_tokens=settings.max_new_tokens)
+                                settings.seed, max_new_tokens=settings.max_new_tokens, choices=choices)
     sharp = recorder.signals() if recorder is not None else [None] * len(records)
     for example, record, c, k, sig in zip(examples, records, corrupted, control, sharp):
-        record.corrupted_answer, record.corrupted_score = c.text, score_answer(example, c.text)
-        record.control_answer, record.control_score = k.text, score_answer(example, k.text)
+        record.corrupted_answer, record.corrupted_score = c.text, score_output(example, c, settings.mc_scoring)
+        record.control_answer, record.control_score = k.text, score_output(example, k, settings.mc_scoring)
         record.sharpness_corrupted = sig.sharpness if sig is not None else None
 
 
+def _choices(settings: ProbeSettings, examples: list[Example]) -> list[list[str]] | None:
+    """The options scored by likelihood (multiple choice under `mc_scoring="likelihood"`), else None:
+    the answers are generated."""
+    if settings.mc_scoring != "likelihood" or not any(e.kind == "mc" for e in examples):
+        return None
+    return [list(e.choices) for e in examples]
+
+
 def _generate(loaded, batch, settings, examples, hooks):
-    if not hooks:
+    from vrp_eval.generation import option_answers
+
+    choices = _choices(settings, examples)
+
+    def answer():
+        if choices is not None:
+            return option_answers(loaded, batch, choices)
         return generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens,
                                 option_letters=[e.option_letters for e in examples])
+
+    if not hooks:
+        return answer()
     from vrp_eval.hooks import attention_hooks
 
     with attention_hooks(loaded.adapter, *hooks):
-        return generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens,
-                                option_letters=[e.option_letters for e in examples])
+        return answer()
 
 
 def _trace_settings(settings: ProbeSettings):
@@ -479,6 +510,10 @@ def check_examples(examples: list[Example], settings: ProbeSettings, shard: bool
     if not examples:
         raise DataError(f"dataset {settings.dataset!r} split {settings.split!r} has no examples to evaluate")
     check_unique_ids(examples, settings.dataset)
+    if settings.mc_scoring == "likelihood" and len({e.kind == "mc" for e in examples}) > 1:
+        raise OptionError("mc_scoring (--mc-scoring) = 'likelihood' scores options, but this data mixes multiple-choice "
+                          "rows (with `choices`) and open questions; evaluate them separately, or pass "
+                          "--mc-scoring letter (the letter prompt)")
     if settings.confidence == "option" and any(e.kind != "mc" for e in examples):
         raise OptionError("confidence (--confidence) = 'option' needs multiple-choice data (rows with `choices` and "
                           f"`answer`), and {settings.dataset!r} has other rows; use product, first_token or length_norm")

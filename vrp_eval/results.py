@@ -17,6 +17,10 @@ turns a `null` metric in `results` back into `float("nan")`, so a NaN metric rou
 them) is read like the same object in memory: allowed where `null` is, refused where a finite number
 is needed.
 
+Times: `config.created_at` is stored as ISO 8601 in UTC (`2026-12-01T21:10:09+00:00`), whatever wrote
+it; `validate_results` rewrites the other forms it accepts (another offset, lmms-eval's `20261202_051009`)
+into that one, so readers compare times, not strings (`utc_created_at`).
+
 Hostile files: `validate_results` is the one gate for `vrp-eval push`, `vrp-eval run --from-lmms`,
 `vrp-eval card` and the leaderboard Space; it checks every field they read, so that what it accepts
 they can show and what it refuses gets a message naming the field and the fix. `read_results` also
@@ -30,9 +34,10 @@ import re
 import reprlib
 import unicodedata
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 SCHEMA = "vrp-eval/results"
 SCHEMA_VERSION = 1
@@ -57,6 +62,21 @@ MAX_DEPTH = 32
 MAX_NAME_LENGTH = 512
 #: Integers beyond 2**53 are not exact in float64 or JavaScript; no count or layer index is that large.
 MAX_INT = 2**53
+
+#: How lmms-eval 0.7.3 writes a run's time (`results["date"]`, also its file names): wall-clock time in the
+#: zone of its `--timezone` option, with no offset (`lmms_eval.utils.get_datetime_str`).
+LMMS_DATE = re.compile(r"\d{8}_\d{6}")
+#: lmms-eval's default `--timezone`: not the machine's local zone. A run that kept the default and a run whose
+#: zone is lost (a results file converted before vrp-eval read `resolved_cli_args.timezone`) are read in it.
+LMMS_DEFAULT_TIMEZONE = "Asia/Singapore"
+#: Singapore has kept UTC+8, without daylight saving, since 1982: exact for every lmms-eval run, and it needs no
+#: zone database (a slim Space image may have none).
+_LMMS_DEFAULT_ZONE = timezone(timedelta(hours=8), LMMS_DEFAULT_TIMEZONE)
+
+#: `datasets` builders that read local files (lmms-eval's `dataset_path: parquet` + `data_files`): a loader,
+#: not a dataset, so `dataset_label` names such data by its task instead.
+FILE_BUILDERS = frozenset({"arrow", "csv", "json", "pandas", "parquet", "text", "imagefolder", "audiofolder",
+                           "videofolder", "webdataset"})
 
 _BIN_KEYS = ("lo", "hi", "count", "mean_confidence", "mean_score")
 _SLUG_PART = re.compile(r"[^A-Za-z0-9._-]+")
@@ -203,12 +223,13 @@ def _field(path: Any) -> str:
 
 
 def validate_results(obj: dict) -> dict:
-    """Check `obj` against the schema and return it unchanged; ResultsError names the field and the fix.
+    """Check `obj` against the schema and return it; ResultsError names the field and the fix.
 
     Every field the leaderboard Space or the model card reads is checked, so that what this accepts
     they can show: names are one-line strings of at most MAX_NAME_LENGTH characters, numbers are
     numbers (NaN / inf only where the schema allows null), layer ranges are non-negative integers, and
-    nothing nests deeper than MAX_DEPTH. Other keys are kept as they are.
+    nothing nests deeper than MAX_DEPTH. One field is rewritten in place: `config.created_at` becomes
+    ISO 8601 UTC (`utc_created_at`). Other keys are kept as they are.
     """
     if not isinstance(obj, Mapping):
         raise ResultsError(f"a results object must be a JSON object, got {type(obj).__name__}; "
@@ -270,12 +291,56 @@ def _check_config(config: Any) -> None:
                     "give the parameter count as a finite non-negative number, or null when it is unknown")
     created = config.get("created_at")
     if created is not None:
-        try:
-            when = datetime.fromisoformat(created)  # TypeError for anything but a string
-            (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-        except (TypeError, ValueError, OverflowError):
-            raise _fail("config.created_at", f"is {_short(created)}, not an ISO 8601 time (in UTC's range)",
-                        "write datetime.now(timezone.utc).isoformat()") from None
+        if not isinstance(created, str):  # a number could be unix seconds, milliseconds or 20250101: refuse to guess
+            raise _fail("config.created_at", f"is {_short(created)}, {_NOT_A_TIME}", _WRITE_A_TIME)
+        config["created_at"] = utc_created_at(created)
+
+
+_NOT_A_TIME = "not an ISO 8601 time (in UTC's range)"
+_WRITE_A_TIME = "write datetime.now(timezone.utc).isoformat()"
+
+
+def utc_created_at(value: str | float, zone: str | None = None) -> str:
+    """A run's time as ISO 8601 text in UTC (`2026-12-01T21:10:09+00:00`): how `config.created_at` is stored.
+
+    `value` is ISO 8601 text (an offset is honoured), lmms-eval's `YYYYMMDD_HHMMSS`, or unix seconds (a
+    number: what lm-eval-style harnesses write). `zone` is the IANA zone of a time written without an offset;
+    by default ISO text without an offset is UTC (vrp-eval has always written UTC) and `YYYYMMDD_HHMMSS` is
+    in lmms-eval's default `--timezone`, LMMS_DEFAULT_TIMEZONE. ResultsError (naming `config.created_at`,
+    the field this fills) for anything else.
+
+    >>> utc_created_at("20261202_051009")
+    '2026-12-01T21:10:09+00:00'
+    >>> utc_created_at("2026-12-02T06:10:09+01:00")
+    '2026-12-02T05:10:09+00:00'
+    """
+    # Python's fromisoformat reads "20261202_051009" too (any separator), as a time without an offset:
+    # lmms-eval's form is recognised first, so that it is read in lmms-eval's zone.
+    compact = isinstance(value, str) and LMMS_DATE.fullmatch(value.strip()) is not None
+    name = zone or (LMMS_DEFAULT_TIMEZONE if compact else None)
+    unzoned = _zone(name) if name else timezone.utc
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # sub-second digits of time.time() name nothing a reader needs
+            return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds")
+        if not isinstance(value, str):
+            raise TypeError
+        when = (datetime.strptime(value.strip(), "%Y%m%d_%H%M%S") if compact
+                else datetime.fromisoformat(value.strip()))
+        return (when if when.tzinfo else when.replace(tzinfo=unzoned)).astimezone(timezone.utc).isoformat()
+    except (TypeError, ValueError, OverflowError, OSError):
+        raise _fail("config.created_at", f"is {_short(value)}, {_NOT_A_TIME}", _WRITE_A_TIME) from None
+
+
+def _zone(name: str) -> tzinfo:
+    if name == LMMS_DEFAULT_TIMEZONE:
+        return _LMMS_DEFAULT_ZONE
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise _fail("config.created_at", f"is in time zone {_short(name)}, which is unknown here",
+                    "give an IANA zone name such as Asia/Singapore (without a system zone database: "
+                    "pip install tzdata)") from None
 
 
 def _check_layer_range(field: str, value: Any, what: str) -> None:
@@ -401,6 +466,13 @@ def read_results(path: str | Path) -> dict:
     return loads_results(text, source=str(path))
 
 
+def dataset_label(dataset: str | None, task: str) -> str:
+    """What to call a run's data: `dataset` itself (a Hub id or a path), or `task` when `dataset` is only a
+    file builder's name (FILE_BUILDERS) or missing. The task's YAML names the data files; their path on the
+    machine that ran it (a home folder, a virtual environment) is neither portable nor for publishing."""
+    return task if not dataset or dataset in FILE_BUILDERS else dataset
+
+
 def model_slug(config: Mapping) -> str:
     """`<org>/<model>` for `config.model_name`: a Hub id as it is, a local path or zoo name as `local/<name>`."""
     name = str(config.get("model_name", "")).strip().rstrip("/")
@@ -417,6 +489,8 @@ def model_slug(config: Mapping) -> str:
 
 
 __all__ = [
+    "FILE_BUILDERS",
+    "LMMS_DEFAULT_TIMEZONE",
     "MAX_DEPTH",
     "MAX_FILE_BYTES",
     "MAX_NAME_LENGTH",
@@ -426,11 +500,13 @@ __all__ = [
     "SCHEMA_VERSION",
     "ResultsError",
     "build_results",
+    "dataset_label",
     "dumps_results",
     "loads_results",
     "model_slug",
     "read_results",
     "to_jsonable",
+    "utc_created_at",
     "validate_results",
     "write_results",
 ]

@@ -165,7 +165,7 @@ class TextExample(Example):
 
     prompt: str = ""
 
-    def prompt_text(self, post_prompt: str) -> str:
+    def prompt_text(self, post_prompt: str, mc_scoring: str = "likelihood") -> str:
         return self.prompt
 
 

@@ -417,11 +417,20 @@ def _check_window(window: Sequence[int], num_layers: int) -> tuple[int, int]:
     return first, last
 
 
-def _generate(loaded, batch, hooks: Sequence[AttentionHook], max_new_tokens: int) -> list[AnswerOutput]:
+def _generate(loaded, batch, hooks: Sequence[AttentionHook], max_new_tokens: int,
+              choices: Sequence[Sequence[str]] | None = None) -> list[AnswerOutput]:
+    """Greedy answers, or with `choices` the options scored by likelihood (`option_answers`)."""
+    from vrp_eval.generation import option_answers
+
+    def answer():
+        if choices is not None:
+            return option_answers(loaded, batch, choices)
+        return generate_answers(loaded, batch, max_new_tokens=max_new_tokens)
+
     if not hooks:
-        return generate_answers(loaded, batch, max_new_tokens=max_new_tokens)
+        return answer()
     with attention_hooks(loaded.adapter, *hooks):
-        return generate_answers(loaded, batch, max_new_tokens=max_new_tokens)
+        return answer()
 
 
 def knockout_hook(adapter, batch, window: Sequence[int]) -> AttentionKnockout:
@@ -435,19 +444,22 @@ def knockout_hook(adapter, batch, window: Sequence[int]) -> AttentionKnockout:
 
 @torch.no_grad()
 def knockout_answers(loaded, batch, window: Sequence[int], max_new_tokens: int = 8,
-                     extra_hooks: Iterable[AttentionHook] = ()) -> list[AnswerOutput]:
-    """Greedy answers with non-image -> image attention blocked inside `window` (first, last)."""
+                     extra_hooks: Iterable[AttentionHook] = (),
+                     choices: Sequence[Sequence[str]] | None = None) -> list[AnswerOutput]:
+    """Greedy answers (with `choices`: the options scored by likelihood) with non-image -> image
+    attention blocked inside `window` (first, last)."""
     hook = knockout_hook(loaded.adapter, batch, window)
-    return _generate(loaded, batch, [hook, *extra_hooks], max_new_tokens)
+    return _generate(loaded, batch, [hook, *extra_hooks], max_new_tokens, choices)
 
 
 @torch.no_grad()
 def corrupted_answers(loaded, batch, window: Sequence[int], kind: str = "gaussian", scale: float = 3.0,
                       sigma: NoiseScale | None = None, seed: int = 0, extra_hooks: Iterable[AttentionHook] = (),
-                      max_new_tokens: int = 8) -> list[AnswerOutput]:
-    """Greedy answers with the image-position hidden states that the window's layers read corrupted
-    (the inputs of layers first..last; gaussian std = scale * sigma.inputs["image"][layer]).
-    `extra_hooks` (attention observers such as a sharpness recorder) run during the same generation."""
+                      max_new_tokens: int = 8, choices: Sequence[Sequence[str]] | None = None) -> list[AnswerOutput]:
+    """Greedy answers (with `choices`: the options scored by likelihood) with the image-position
+    hidden states that the window's layers read corrupted (the inputs of layers first..last;
+    gaussian std = scale * sigma.inputs["image"][layer]). `extra_hooks` (attention observers such as
+    a sharpness recorder) run during the same generation."""
     adapter = loaded.adapter
     first, last = _check_window(window, adapter.num_layers)
     layer_sigma = sigma.layers("image", site="input") if sigma is not None else None
@@ -455,7 +467,7 @@ def corrupted_answers(loaded, batch, window: Sequence[int], kind: str = "gaussia
     groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
     with HiddenStateIntervention(adapter, range(first, last + 1), groups["image"].to(loaded.device), kind=kind,
                                  scale=scale, sigma=layer_sigma, seed=seed, site="input"):
-        return _generate(loaded, batch, list(extra_hooks), max_new_tokens)
+        return _generate(loaded, batch, list(extra_hooks), max_new_tokens, choices)
 
 
 def choose_circuit(knockout_scores: Any, windows: Sequence[Sequence[int]],

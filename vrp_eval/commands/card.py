@@ -10,7 +10,9 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("results", help="results.json written by `vrp-eval run`")
+    parser.add_argument("results", help="results.json written by `vrp-eval run`, or an lmms-eval results file of a "
+                                        "`--model vrp` run (its --log_samples file beside it): what `push` takes")
+    parser.add_argument("--lmms-task", default=None, help="for an lmms-eval file with several vrp_* tasks: which one")
     parser.add_argument("--output", default=None, metavar="README.md",
                         help="write (or update the model-index of) this card file instead of printing the YAML")
     parser.add_argument("--push", action="store_true", help="open a pull request with the card on --repo")
@@ -25,14 +27,15 @@ def main(args: argparse.Namespace) -> int:
     from vrp_eval.hub import (
         PushError,
         card_metadata,
+        load_publishable,
         push_card,
         token_from_env,
         write_card,
     )
-    from vrp_eval.results import ResultsError, model_slug, read_results
+    from vrp_eval.results import ResultsError, model_slug
 
     try:
-        results = read_results(args.results)
+        results = load_publishable(args.results, args.lmms_task)  # the files `vrp-eval push` takes
         if args.output:
             print(f"wrote {write_card(results, args.output)}")
         elif not args.push:
@@ -47,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
                 return 2
             token = token_from_env(args.token_env) if args.token_env else None
             print(f"opened a pull request: {push_card(results, repo, token=token, endpoint=args.endpoint)}")
-    except (ResultsError, PushError) as error:
+    except (ResultsError, PushError, ValueError, OSError) as error:
         print(f"vrp-eval card: {error}", file=sys.stderr)
         return 2
     return 0

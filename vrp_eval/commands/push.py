@@ -17,11 +17,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from vrp_eval.hub import PushError, push_results, token_from_env
+    from vrp_eval.hub import PushError, load_publishable, push_results, token_from_env
     from vrp_eval.results import ResultsError
 
     try:
-        results = _load(args.results, args.lmms_task)  # validate before anything else, token included
+        results = load_publishable(args.results, args.lmms_task)  # validate before anything else, token included
         token = None
         if args.token_env and not args.dry_run:
             token = token_from_env(args.token_env)
@@ -33,23 +33,3 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     return 0
-
-
-def _load(path: str, lmms_task: str | None) -> dict:
-    """Our results file as it is; an lmms-eval results file converted through its samples log (the
-    same conversion as `vrp-eval run --from-lmms`), so lmms-eval runs reach the leaderboard."""
-    import json
-    from pathlib import Path
-
-    from vrp_eval.results import SCHEMA, build_results, read_results
-
-    try:  # a sniff for lmms-eval files only: read_results below validates (and reports) everything else
-        head = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        head = None
-    if isinstance(head, dict) and head.get("schema") != SCHEMA and "lmms_eval_version" in head:
-        from vrp_eval.lmms_results import read_lmms_results
-
-        run = read_lmms_results(path, task=lmms_task)
-        return build_results(config=run.config, task=run.task, metrics=run.metrics, details=run.details)
-    return read_results(path)

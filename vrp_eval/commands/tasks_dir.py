@@ -1,6 +1,6 @@
 """`vrp-eval tasks-dir`: print the folder of the shipped lmms-eval task YAMLs.
 
-    lmms-eval tasks list --include_path $(vrp-eval tasks-dir)
+    lmms-eval tasks list --include-path $(vrp-eval tasks-dir)
 
 The lmms-eval CLI finds the tasks without it (see vrp_eval/lmms.py); lmms-eval's `tasks`
 subcommand and the Python API do not load the model plugins, so there the folder is named.

@@ -24,11 +24,12 @@ def doc_to_text(doc):
     return synth_text.prompt(doc["context"], doc["question"])
 
 
-generate_process_results = partial(lm.generate_process_results, answer_field="answer")
+generate_process_results = partial(lm.generate_process_results, answer_field="answer", task="vrp_text_synth")
 choice_process_results = partial(lm.choice_process_results, choices_field="choices", label_field="label")
 
 # One aggregation per reliability metric (names as in lm.RELIABILITY_METRICS).
 n_samples = lm.reliability_aggregation("n_samples")
+n_probed = lm.reliability_aggregation("n_probed")
 mean_confidence = lm.reliability_aggregation("mean_confidence")
 ece = lm.reliability_aggregation("ece")
 ece_ci_low = lm.reliability_aggregation("ece_ci_low")
