@@ -18,12 +18,11 @@ from vrp_eval.attention import (
     SharpnessRecorder,
     attention_signals,
     cluster_count,
-    logit_lens_margin,
-    self_consistency,
     sharpness_from_attention,
     spatial_entropy,
     token_confidence,
 )
+from vrp_eval.companions import logit_lens_margin, self_consistency
 from vrp_eval.generation import generate_answers
 from vrp_eval.loading import LoadedModel
 from vrp_eval.zoo.build import TinySpec, build_tiny

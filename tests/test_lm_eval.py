@@ -158,8 +158,9 @@ def test_subject_is_the_first_sentence(text_model):
 
 
 def test_embedding_corruption_reaches_a_text_model(text_model):
-    """The adapter's embedding pre-hook changes nothing by itself, and makes the engine's subject
-    corruption act (a VLM gets embeddings from its outer model; a causal LM must be given them)."""
+    """The text adapter's embedding hook (on the input-embedding module's output, inside a scope)
+    changes nothing by itself, and makes the engine's subject corruption act (a VLM gets embeddings
+    from its outer model; a causal LM must be given them)."""
     from transformers import AutoModelForCausalLM
 
     from vrp_eval.intervention import EmbeddingCorruption
@@ -169,7 +170,7 @@ def test_embedding_corruption_reaches_a_text_model(text_model):
     plain = AutoModelForCausalLM.from_pretrained(TINY_TEXT_LLAMA).eval()
     with torch.no_grad():
         clean = text_model.model(**batch).logits[0, -1]
-        # exact: the same checkpoint, float32 and SDPA, and the pre-hook passes embeddings through as is
+        # exact: the same checkpoint, float32 and SDPA, and the embedding hook passes embeddings through as is
         assert torch.equal(clean, plain(**batch).logits[0, -1])
         subject = adapter.position_groups(batch["input_ids"], batch["attention_mask"])["subject"]
         with EmbeddingCorruption(adapter, subject, sigma=1.0, scale=3.0) as corruption:

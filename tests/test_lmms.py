@@ -137,7 +137,7 @@ def test_task_prompts_are_the_upstream_tasks_prompts(task_manager):
 
 
 def test_the_probe_sees_the_task_context(random_tiny_dirs, monkeypatch):
-    from vrp_eval.data import load_examples
+    from vrp_eval.data import load_examples, with_prompt
     from vrp_eval.loading import load_model
     from vrp_eval.probe import ProbeSettings, run_probe
 
@@ -145,7 +145,7 @@ def test_the_probe_sees_the_task_context(random_tiny_dirs, monkeypatch):
     seen = []
     build = loaded.adapter.build_prompt
     monkeypatch.setattr(loaded.adapter, "build_prompt", lambda text: seen.append(text) or build(text))
-    example = lmms._context_example(load_examples(str(SYNTH), limit=1)[0], "PRE what color is it? POST")
+    example = with_prompt(load_examples(str(SYNTH), limit=1)[0], "PRE what color is it? POST")
     run_probe(loaded, ProbeSettings(signals=(), n_bootstrap=10), examples=[example], progress=False)
     assert seen and set(seen) == {"PRE what color is it? POST"}
 

@@ -1,10 +1,16 @@
 """The loader, the family adapters and batched generation, on random-init models of all three families
-saved with `save_pretrained` (so the real Auto-class loading path runs, offline)."""
+saved with `save_pretrained` (so the real Auto-class loading path runs, offline), and the zoo's text
+model through the same loader."""
 import pytest
 import torch
 from PIL import Image
 
-from vrp_eval.adapters import LlavaAdapter, PaliGemmaAdapter, Qwen2VLAdapter
+from vrp_eval.adapters import (
+    LlavaAdapter,
+    PaliGemmaAdapter,
+    Qwen2VLAdapter,
+    TextAdapter,
+)
 from vrp_eval.generation import generate_answers
 from vrp_eval.loading import ModelLoadError, load_model
 
@@ -55,6 +61,19 @@ def test_position_groups_partition_the_prompt(loaded):
     lengths = valid.sum(1)
     assert lengths.min() < lengths.max(), "the prompts differ in length, so some rows are padded"
     assert adapter.image_grid(batch, 0) == (6, 6)
+
+
+def test_selected_rows_equal_a_fresh_encoding(loaded):
+    """`select_rows` (the discovery half of a batch) gives what encoding those samples alone gives:
+    Qwen2-VL's pixel patches are one flat tensor split per image, padding columns are dropped."""
+    adapter = loaded.adapter
+    images, prompts = _images(), [adapter.build_prompt(q) for q in QUESTIONS]
+    rows = [3, 1]
+    selected = adapter.select_rows(adapter.encode(images, prompts), rows)
+    fresh = adapter.encode([images[r] for r in rows], [prompts[r] for r in rows])
+    assert selected.keys() == fresh.keys()
+    for key in fresh:
+        assert torch.equal(selected[key], fresh[key]), key
 
 
 def test_batched_generation_with_padding_equals_one_at_a_time(loaded):
@@ -119,3 +138,24 @@ def test_text_only_model_is_refused_clearly(tmp_path):
 def test_unknown_dtype():
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_model("tiny-llava", dtype="float8")
+
+
+def test_one_loader_for_the_text_model():
+    """The zoo's text model loads through `load_model` like the VLMs, with the text adapter, and the
+    engine's hooks on it last only as long as their scope (none is installed for the model's life)."""
+    from tracing_models import all_hooks
+
+    from vrp_eval.intervention import estimate_sigma
+    from vrp_eval.zoo import is_text_model, rebuild_command
+
+    assert is_text_model("tiny-text-llama") and not is_text_model("tiny-llava")
+    assert rebuild_command("tiny-text-llama") == "python -m vrp_eval.zoo.build_text"
+    loaded = load_model("tiny-text-llama", device="cpu")
+    assert isinstance(loaded.adapter, TextAdapter) and loaded.family == "text"
+    assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.model_name == "tiny-text-llama"
+    assert len(loaded.model_sha) == 64 and loaded.dtype == "float32"
+    assert all_hooks(loaded.model) == 0
+    batch = loaded.adapter.encode([None], ["There is a red circle. What color is the circle?"])
+    sigma = estimate_sigma(loaded, batch)
+    assert sigma.embedding["image"] > 0  # the subject's embeddings were seen
+    assert all_hooks(loaded.model) == 0

@@ -29,6 +29,7 @@ from vrp_eval.tracing import (
     knockout_answers,
     knockout_windows,
     trace_batch,
+    window_width,
 )
 
 ASSETS = Path(__file__).parent / "assets"
@@ -74,7 +75,7 @@ def test_engine_returns_the_planted_window_and_its_causal_drop(loaded, halves):
     clean_d = generate_answers(loaded, discovery, max_new_tokens=3)
     assert np.mean(score(clean_d, gold_d)) >= 0.9, "the planted model must use the image"
 
-    windows = knockout_windows(num_layers, TraceSettings().window_width(num_layers))
+    windows = knockout_windows(num_layers, window_width(num_layers))
     assert len(windows[0]) == 2 and windows[0] == (0, 1)
     per_window = [knockout_answers(loaded, discovery, w, max_new_tokens=3) for w in windows]
     knockout_scores = np.array([score(a, gold_d) for a in per_window]).T  # (samples, windows)
@@ -173,7 +174,7 @@ def test_trained_tiny_llava_shows_a_real_effect():
     num_layers = adapter.num_layers
     blind = np.mean(scores(discovery, knockout_answers(loaded, batch_d, (0, num_layers - 1))))
     assert blind <= np.mean(clean_d) - 0.1, "the model must use the image"
-    windows = knockout_windows(num_layers, TraceSettings().window_width(num_layers))
+    windows = knockout_windows(num_layers, window_width(num_layers))
     knock = np.array([scores(discovery, knockout_answers(loaded, batch_d, w)) for w in windows]).T
     circuit = choose_circuit(knock, windows, clean_scores=clean_d)
     curve = knock.mean(0)

@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "vrp_eval.loading",
     "LoadedModel": "vrp_eval.loading",
-    "ProbeSettings": "vrp_eval.probe",
-    "SampleRecord": "vrp_eval.probe",
+    "ProbeSettings": "vrp_eval.records",
+    "SampleRecord": "vrp_eval.records",
     "run_probe": "vrp_eval.probe",
     "load_examples": "vrp_eval.data",
 }

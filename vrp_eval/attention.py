@@ -1,4 +1,5 @@
-"""Attention sharpness (SPEC 4) and the companion toolkit's structural and confidence signals.
+"""Attention sharpness (SPEC 4) and the companion toolkit's structural signals (the logit lens and
+self-consistency, read from the answer, live in `vrp_eval.companions`).
 
 Sharpness needs, per decoder layer and head, one attention row: the row of the query position that
 predicts the first answer token (the last prompt position). `SharpnessRecorder` is an observer on
@@ -205,9 +206,6 @@ class SharpnessRecorder(AttentionHook):
         grids = [adapter.image_grid(batch, row) for row in range(batch["input_ids"].shape[0])]
         return cls(groups["image"], layers, last_positions=last, grids=grids, num_layers=adapter.num_layers)
 
-    def reset(self) -> None:
-        self.log_attention.clear()
-
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float, module: nn.Module) -> None:
         if layer in self.log_attention:
@@ -293,140 +291,11 @@ def _square_grid(n: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------
 # Model-level conveniences
 # --------------------------------------------------------------------------------------------------
-def _inputs(loaded, batch) -> dict[str, Any]:
-    return {k: (v.to(loaded.device) if torch.is_tensor(v) else v)
-            for k, v in loaded.adapter.model_inputs(batch).items()}
-
-
 @torch.no_grad()
 def attention_signals(loaded, batch, layers: Iterable[int] | None = None,
                       spatial_layers: Sequence[int] | None = None) -> list[AttentionSignals]:
     """Attention signals of an encoded batch from one prompt forward pass (SDPA stays on)."""
     recorder = SharpnessRecorder.for_batch(loaded.adapter, batch, layers)
     with attention_hooks(loaded.adapter, recorder):
-        loaded.model(**_inputs(loaded, batch), logits_to_keep=1, use_cache=False)
+        loaded.model(**loaded.model_inputs(batch), logits_to_keep=1, use_cache=False)
     return recorder.signals(spatial_layers)
-
-
-def _final_norm(adapter) -> nn.Module:
-    language_model = adapter.language_model
-    for name in ("norm", "final_layernorm", "final_layer_norm", "ln_f"):
-        module = getattr(language_model, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    from vrp_eval.adapters import AdapterError
-
-    raise AdapterError(f"cannot find the final norm of {type(language_model).__name__} (looked for "
-                       "`norm`, `final_layernorm`, `ln_f`): the logit lens needs it")
-
-
-@torch.no_grad()
-def logit_lens_margin(loaded, batch, target_ids: Sequence[int] | Sequence[Sequence[int]]):
-    """Per sample, per decoder layer: the logit-lens margin of `target_ids[sample]` at the last
-    prompt position: final norm + lm_head on that layer's output, target logit minus the largest
-    other logit. Only the last position goes through the head, in one forward pass.
-
-    `target_ids` is one token per sample (returns [sample][layer]) or several per sample, e.g. the
-    reference answer's first token and the model's own (returns [sample][target][layer]). The final
-    norm makes this the standard logit lens (the companion toolkit reads the raw residual); at the
-    last layer it is the model's real margin."""
-    adapter, model = loaded.adapter, loaded.model
-    if len(target_ids) != batch["input_ids"].shape[0]:
-        raise ValueError(f"{len(target_ids)} target ids for a batch of {batch['input_ids'].shape[0]}")
-    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
-    last = groups["last"].int().argmax(1).to(loaded.device)
-    rows = torch.arange(last.shape[0], device=loaded.device)
-    states: dict[int, torch.Tensor] = {}
-
-    def capture(index: int):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            states[index] = hidden[rows, last]
-        return hook
-
-    handles = [layer.register_forward_hook(capture(i)) for i, layer in enumerate(adapter.decoder_layers)]
-    try:
-        model(**_inputs(loaded, batch), logits_to_keep=1, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    hidden = torch.stack([states[i] for i in range(adapter.num_layers)], dim=1)  # (B, L, d)
-    logits = model.get_output_embeddings()(_final_norm(adapter)(hidden)).float()
-    softcap = getattr(adapter.text_config, "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    several = len(target_ids) > 0 and isinstance(target_ids[0], (list, tuple))
-    targets = torch.as_tensor([list(t) if several else [t] for t in target_ids], device=logits.device)  # (B, K)
-    margins = []
-    for k in range(targets.shape[1]):
-        target = targets[:, k].view(-1, 1, 1).expand(-1, logits.shape[1], 1)
-        target_logit = logits.gather(-1, target).squeeze(-1)
-        others = logits.scatter(-1, target, float("-inf")).amax(-1)
-        margins.append(target_logit - others)  # (B, L)
-    out = torch.stack(margins, dim=1).tolist()  # (B, K, L)
-    return out if several else [m[0] for m in out]
-
-
-def reference_token_id(adapter, example, mc_scoring: str = "likelihood") -> int | None:
-    """The first token of the reference answer, as the truth margin reads it: the correct option's
-    text (multiple choice scored by likelihood) or letter (scored by letter), the most frequent human
-    answer after VQA normalisation (VQA data; ties: the first given), else the reference string;
-    tokenised without special tokens. None when there is no reference."""
-    from collections import Counter
-
-    from vrp_eval.vqa import normalize_answer
-
-    if example.kind == "mc":
-        text = example.reference_for(mc_scoring)
-    elif example.kind == "vqa" and example.answers:
-        # Counted after the official VQA normalisation, so "Two" and "2" are one answer; Counter
-        # keeps first-occurrence order, so a tie goes to the answer given first.
-        text = Counter(normalize_answer(a) for a in example.answers).most_common(1)[0][0]
-    elif example.answers:
-        text = example.answers[0]
-    else:
-        return None
-    ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    return int(ids[0]) if ids else None
-
-
-def _normalise_answer(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
-
-
-@torch.no_grad()
-def self_consistency(loaded, batch, k: int = 10, temperature: float = 0.7, top_p: float = 0.9,
-                     seed: int = 0, max_new_tokens: int = 8,
-                     greedy_answers: Sequence[str] | None = None) -> list[float]:
-    """Fraction of `k` sampled answers (temperature, nucleus top_p) equal to the greedy answer, per
-    sample (answers compared lower-cased, whitespace-normalised). Seeded; the global RNG state is
-    left as it was. Pass `greedy_answers` when the greedy run has already been done."""
-    from vrp_eval.generation import generate_answers
-
-    if k < 1:
-        raise ValueError(f"self-consistency needs k >= 1 samples, got {k}")
-    adapter, model = loaded.adapter, loaded.model
-    if greedy_answers is None:
-        greedy_answers = [a.text for a in generate_answers(loaded, batch, max_new_tokens=max_new_tokens)]
-    inputs = _inputs(loaded, batch)
-    devices = [loaded.device] if loaded.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
-                             num_return_sequences=k, max_new_tokens=max_new_tokens, num_beams=1,
-                             pad_token_id=adapter.tokenizer.pad_token_id, eos_token_id=adapter.eos_token_ids)
-    generated = out[:, inputs["input_ids"].shape[1]:]
-    stop = set(adapter.eos_token_ids) | {adapter.tokenizer.pad_token_id}
-    texts = []
-    for sequence in generated.tolist():
-        ids = []
-        for token in sequence:
-            if token in stop:
-                break
-            ids.append(token)
-        texts.append(adapter.tokenizer.decode(ids, skip_special_tokens=True))
-    scores = []
-    for row, greedy in enumerate(greedy_answers):
-        samples = texts[row * k:(row + 1) * k]
-        scores.append(sum(_normalise_answer(s) == _normalise_answer(greedy) for s in samples) / k)
-    return scores

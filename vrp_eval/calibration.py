@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from vrp_eval.statistics import (
+    DEFAULT_N_BOOTSTRAP,
     ArrayLike,
     as_unit_interval_array,
     bootstrap_ci,
@@ -35,6 +36,7 @@ from vrp_eval.statistics import (
 
 __all__ = [
     "DEFAULT_N_BINS",
+    "DEFAULT_N_BOOTSTRAP",
     "ace",
     "bin_edges",
     "bin_indices",
@@ -155,7 +157,7 @@ def ece_bootstrap_ci(
     scores: ArrayLike,
     n_bins: int = DEFAULT_N_BINS,
     *,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
     seed: int = 0,
     ci: float = 0.95,
 ) -> tuple[float, float]:
@@ -180,7 +182,7 @@ def calibration_summary(
     confidences: ArrayLike,
     scores: ArrayLike,
     n_bins: int = DEFAULT_N_BINS,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
     seed: int = 0,
     ci: float = 0.95,
 ) -> dict[str, Any]:

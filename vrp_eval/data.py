@@ -64,6 +64,24 @@ class Example:
         return f"{self.question}{post_prompt}"
 
 
+@dataclass
+class PromptedExample(Example):
+    """An `Example` whose prompt is given whole (a harness task's context string, a text model's
+    prompt): it is what the model reads, whatever `post_prompt` and `mc_scoring` say."""
+
+    prompt: str = ""
+
+    def prompt_text(self, post_prompt: str, mc_scoring: str = "likelihood") -> str:
+        return self.prompt
+
+
+def with_prompt(example: Example, prompt: str) -> PromptedExample:
+    """`example` asked with the given `prompt`."""
+    from dataclasses import fields
+
+    return PromptedExample(**{f.name: getattr(example, f.name) for f in fields(Example)}, prompt=prompt)
+
+
 def load_image(example: Example) -> Image.Image:
     """The example's image as RGB; DataError naming the sample when it does not decode."""
     image = example.image

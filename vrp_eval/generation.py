@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from vrp_eval.data import OPTION_LETTERS
 from vrp_eval.errors import VrpError
 from vrp_eval.loading import LoadedModel
+from vrp_eval.options import DEFAULTS
 
 
 class ModelOutputError(VrpError, FloatingPointError):
@@ -34,7 +35,6 @@ class AnswerOutput:
     first_token_prob: float
     option_probs: dict[str, float] | None = None
     option_index: int | None = None  # likelihood scoring: the index of the chosen option
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def confidence(self) -> float:
@@ -66,12 +66,12 @@ def generate_answers(
     loaded: LoadedModel,
     batch,
     *,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = DEFAULTS["max_new_tokens"],
     option_letters: Sequence[Sequence[str]] | None = None,
 ) -> list[AnswerOutput]:
     """Greedy answers for an encoded (left-padded) batch from `loaded.adapter.encode`."""
     model, adapter = loaded.model, loaded.adapter
-    inputs = {k: (v.to(loaded.device) if torch.is_tensor(v) else v) for k, v in adapter.model_inputs(batch).items()}
+    inputs = loaded.model_inputs(batch)
     out = model.generate(
         **inputs, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
         return_dict_in_generate=True, pad_token_id=adapter.tokenizer.pad_token_id,
@@ -163,7 +163,7 @@ def option_answers(loaded: LoadedModel, batch, choices: Sequence[Sequence[str]])
     generation step; each longer option adds one forced generation. Hooks active around the call
     (knockouts, corruptions, attention recorders) apply as they do to greedy answering."""
     adapter = loaded.adapter
-    inputs = {k: (v.to(loaded.device) if torch.is_tensor(v) else v) for k, v in adapter.model_inputs(batch).items()}
+    inputs = loaded.model_inputs(batch)
     if len(choices) != inputs["input_ids"].shape[0]:
         raise ValueError(f"{len(choices)} option lists for a batch of {inputs['input_ids'].shape[0]} samples")
     ids = [[_option_token_ids(adapter.tokenizer, option) for option in row] for row in choices]
@@ -208,7 +208,7 @@ def continuation_loglikelihoods(loaded: LoadedModel, batch, continuations: Seque
     the continuation's token log-probabilities as the answer, whether greedy decoding writes exactly
     those tokens). The continuation is tokenised as `option_answers` tokenises an option."""
     adapter = loaded.adapter
-    inputs = {k: (v.to(loaded.device) if torch.is_tensor(v) else v) for k, v in adapter.model_inputs(batch).items()}
+    inputs = loaded.model_inputs(batch)
     if len(continuations) != inputs["input_ids"].shape[0]:
         raise ValueError(f"{len(continuations)} continuations for a batch of {inputs['input_ids'].shape[0]} samples")
     ids = [_option_token_ids(adapter.tokenizer, text) for text in continuations]

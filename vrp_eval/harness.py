@@ -6,7 +6,7 @@ answer, so every task, `vrp_*` or not, scores it with its own code) and leaves e
 in this process's `RECORDS` channel, keyed by the document's content and the answer; a `vrp_*`
 task's `process_results` takes it from there, scores the plain answer and gives every reliability
 metric the sample's `RecordSample`; the aggregations rebuild the records (`records_from_payloads`)
-and call `probe.aggregate` once per task (`Summaries`). `n_probed`'s per-sample value is logged as
+and call `aggregation.aggregate` once per task (`Summaries`). `n_probed`'s per-sample value is logged as
 the record itself, so `--log_samples` keeps every record once (`vrp-eval run --from-lmms` reads it
 back). Model arguments arrive as text and become `ProbeSettings` fields through `vrp_eval.options`
 (one parser for the CLI, lmms-eval and lm-eval).
@@ -21,27 +21,18 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from vrp_eval import metric_table
 
 PAYLOAD_OPEN = "\n<vrp-record>"
 PAYLOAD_CLOSE = "</vrp-record>"
 PAYLOAD_VERSION = 1
 
-#: What a vrp-eval task reports beside `accuracy`, each aggregated over all samples by
-#: `probe.aggregate` (SPEC names, their CIs / p-values / Spearman).
-RELIABILITY_METRICS: tuple[str, ...] = (
-    "n_samples", "n_probed", "mean_confidence",
-    "ece", "ece_ci_low", "ece_ci_high", "mce", "ace", "brier",
-    *(f"{name}{suffix}" for name in ("attn_conf_r", "attn_acc_r", "attn_overconf_r")
-      for suffix in ("", "_ci_low", "_ci_high", "_p", "_rho")),
-    "mean_sharpness", "mean_image_attention_mass",
-    "causal_acc_drop", "causal_acc_drop_ci_low", "causal_acc_drop_ci_high",
-    "control_acc_drop", "control_acc_drop_ci_low", "control_acc_drop_ci_high",
-    "clean_accuracy", "corrupted_accuracy", "n_heldout",
-    "sharpness_heldout_clean", "sharpness_heldout_corrupted",
-    "circuit_layers", "control_layers", "integration_layer",
-)
+#: What every lmms-eval `vrp_*` task reports beside `accuracy`, each read from one aggregate over all
+#: the task's samples (`Summaries`): the metric table's SUMMARY columns of the "lmms" tasks.
+RELIABILITY_METRICS: tuple[str, ...] = metric_table.columns("lmms", metric_table.SUMMARY)
 
 #: Options of `run_probe` that the task decides, not the model arguments.
 TASK_DECIDES = {"dataset": "--tasks", "split": "the task's test split", "limit": "--limit"}
@@ -157,6 +148,125 @@ def strip_quotes(value: Any) -> Any:
     return value
 
 
+def parse_probe_args(args: dict[str, Any], *, backend: str, harness_name: str, load_options: Iterable[str],
+                     model_hint: str, defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """(loading keywords, ProbeSettings) from a harness's model arguments, once `pretrained` and the
+    backend's own keys are taken out. Every ProbeSettings field is an option under its own name,
+    parsed by `vrp_eval.options` (an OptionError names the option, the value and the range); a
+    run-wide choice the harness makes (`TASK_DECIDES`) or any other name is an error that lists the
+    options. None values (arguments a harness passes unset) are ignored; `batch_size=auto` leaves the
+    probe's batch size."""
+    from vrp_eval.options import OPTIONS, option
+    from vrp_eval.records import ProbeSettings
+
+    load_options = set(load_options)
+    args = {name: value for name, value in args.items() if value is not None and name != "max_batch_size"}
+    if str(args.get("batch_size", "")).startswith("auto"):
+        args.pop("batch_size")  # no automatic batch size: ProbeSettings' default
+    load_kwargs = {name: strip_quotes(args.pop(name)) for name in list(args) if name in load_options}
+    fields = {opt.name for opt in OPTIONS}
+    settings = dict(defaults or {})
+    for name, value in args.items():
+        if name in TASK_DECIDES:
+            raise ValueError(f"model argument {name!r} is set by {harness_name} ({TASK_DECIDES[name]}), not by "
+                             "--model_args")
+        if name not in fields:
+            raise ValueError(f"unknown model argument {name!r} for --model {backend}; use {model_hint}, loading "
+                             f"options ({', '.join(sorted(load_options))}) or probe options "
+                             f"({', '.join(sorted(fields - set(TASK_DECIDES)))})")
+        settings[name] = option(name).parse(value)
+    return load_kwargs, ProbeSettings(**settings)
+
+
+def state_to_json(state: Any) -> dict[str, Any]:
+    """The run-wide choices `aggregate` needs beside the records (knockout windows, circuit, control
+    window) of an `EngineState`, as JSON; `state_from_json` reads it back."""
+    return {"windows": [list(w) for w in state.windows] if state else [],
+            "circuit": list(state.circuit) if state and state.circuit else None,
+            "control": list(state.control) if state and state.control else None}
+
+
+def state_from_json(saved: dict[str, Any] | None) -> Any:
+    from vrp_eval.records import EngineState
+
+    saved = saved or {}
+    return EngineState(windows=[tuple(w) for w in saved.get("windows") or []],
+                       circuit=tuple(saved["circuit"]) if saved.get("circuit") else None,
+                       control=tuple(saved["control"]) if saved.get("control") else None)
+
+
+def make_payload(payload_format: str, task: str, doc_id: Any, model: dict[str, Any], settings: Any,
+                 state: dict[str, Any], record: Any) -> dict[str, Any]:
+    """One sample's record as a harness carries it: format, task, document, model, settings, state."""
+    return {"format": payload_format, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id, "model": model,
+            "settings": settings.to_dict(), "state": state, "record": dataclasses.asdict(record)}
+
+
+class ProbeBackend:
+    """What the lmms-eval backend `vrp` and the lm-eval model `vrp-lm` share: the probe settings from
+    the model arguments, per-task settings from the task's generation arguments, and answering one
+    task's requests with the very `run_probe` of `vrp-eval run` (records to `RECORDS`, plain answers
+    back). A subclass sets `payload_format`, `loaded`, `settings` and `explicit` (the model arguments
+    given) and turns its harness's requests into examples."""
+
+    payload_format: str
+    loaded: Any
+    settings: Any
+    explicit: set[str]
+
+    def settings_for(self, task: str, gen_kwargs: dict[str, Any], **changes: Any) -> Any:
+        """The probe settings of one task: its name as the dataset and, unless `max_new_tokens` was a
+        model argument, the task's answer length (`max_new_tokens`, lm-eval's `max_gen_toks`)."""
+        changes = {"dataset": task, **changes}
+        if "max_new_tokens" not in self.explicit:
+            tokens = gen_kwargs.get("max_new_tokens", gen_kwargs.get("max_gen_toks"))
+            if tokens:
+                changes["max_new_tokens"] = int(tokens)
+        return dataclasses.replace(self.settings, **changes)
+
+    def probe_task(self, task: str, doc_ids: list[int], examples: list[Any], docs: list[dict[str, Any]],
+                   settings: Any, answer: Callable[[Any, int], str] = lambda record, doc_id: record.answer,
+                   **run_options: Any) -> dict[int, str]:
+        """{doc id: response} for one task: `run_probe` over its examples (in doc order, no aggregate:
+        the task's aggregation makes it), each record left in `RECORDS` for its document and answer.
+        A skipped sample (an image that does not decode, `on_bad_image=skip`) answers "" and has no
+        record, so the aggregation counts it as skipped."""
+        from vrp_eval.probe import run_probe
+        from vrp_eval.records import model_block
+
+        report = run_probe(self.loaded, settings, examples=examples, summarize=False, **run_options)
+        state, model = state_to_json(report.state), model_block(self.loaded)
+        records, skipped = iter(report.records), list(report.skipped)
+        responses = {}
+        for doc_id, example, doc in zip(doc_ids, examples, docs):
+            if example.question_id in skipped:
+                skipped.remove(example.question_id)
+                responses[doc_id] = ""
+                continue
+            record = next(records)
+            responses[doc_id] = answer(record, doc_id)
+            RECORDS.put(doc, responses[doc_id], make_payload(self.payload_format, task, doc_id, model, settings,
+                                                             state, record))
+        return responses
+
+
+def spread(responses: dict[int, str], positions_of: dict[int, list[int]], into: list[Any]) -> None:
+    """Each document's response at every position a harness asked it (repeats, rank padding)."""
+    for doc_id, text in responses.items():
+        for position in positions_of[doc_id]:
+            into[position] = text
+
+
+def group_requests(requests: list[Any], key: Callable[[Any], tuple[Any, int]]) -> dict[Any, dict[int, list[int]]]:
+    """{task key: {doc id: positions of its requests}}: each document is probed once per task, in doc
+    order, however often a harness repeats it (rank padding, repeats)."""
+    groups: dict[Any, dict[int, list[int]]] = {}
+    for position, request in enumerate(requests):
+        task, doc_id = key(request)
+        groups.setdefault(task, {}).setdefault(int(doc_id), []).append(position)
+    return groups
+
+
 # --------------------------------------------------------------------------------------------
 # Task side: per-sample values and the aggregations
 # --------------------------------------------------------------------------------------------
@@ -224,10 +334,10 @@ def sample_values(sample: RecordSample, names: tuple[str, ...]) -> dict[str, Rec
 
 
 def records_from_payloads(payloads: list[dict[str, Any]]):
-    """(records, ProbeSettings, EngineState) of one task's payloads, ready for `probe.aggregate`;
+    """(records, ProbeSettings, EngineState) of one task's payloads, ready for `aggregation.aggregate`;
     in dataset order when the payloads carry `doc_id`. Fields that this vrp-eval does not know are
     dropped (newer payloads); a payload without settings gets the defaults."""
-    from vrp_eval.probe import EngineState, ProbeSettings, SampleRecord
+    from vrp_eval.records import ProbeSettings, SampleRecord
 
     if all("doc_id" in p for p in payloads):
         payloads = sorted(payloads, key=lambda p: p["doc_id"])
@@ -236,11 +346,7 @@ def records_from_payloads(payloads: list[dict[str, Any]]):
     records = [SampleRecord(**{k: v for k, v in p["record"].items() if k in record_fields}) for p in payloads]
     saved_settings = payloads[0].get("settings") or {}
     settings = ProbeSettings(**{k: v for k, v in saved_settings.items() if k in settings_fields})
-    saved = payloads[0].get("state") or {}
-    state = EngineState(windows=[tuple(w) for w in saved.get("windows") or []],
-                        circuit=tuple(saved["circuit"]) if saved.get("circuit") else None,
-                        control=tuple(saved["control"]) if saved.get("control") else None)
-    return records, settings, state
+    return records, settings, state_from_json(payloads[0].get("state"))
 
 
 class Summaries:
@@ -275,9 +381,9 @@ class Summaries:
 
 
 def aggregate_probed(samples: list[RecordSample], warn_none: Callable[[], None]) -> dict[str, Any]:
-    """`probe.aggregate` of the samples that carry a record (`n_skipped` counts the others); with
+    """`aggregation.aggregate` of the samples that carry a record (`n_skipped` counts the others); with
     none, `warn_none()` and only `n_samples`."""
-    from vrp_eval.probe import aggregate
+    from vrp_eval.aggregation import aggregate
 
     probed = [s for s in samples if s.payload is not None]
     if not probed:

@@ -1,4 +1,13 @@
-"""One attention dispatcher for every attention-level observation and intervention.
+"""The one hook mechanism: `HookScope`, and the attention dispatcher behind attention hooks.
+
+Every hook vrp-eval puts on a model goes through a `HookScope`: a context manager that installs its
+PyTorch hooks (`on_output`, `on_input`) and attention hooks (`on_attention`) on entry and removes all
+of them on exit, also when the installation or the block raises. The interventions
+(`vrp_eval.intervention`) are `HookScope` subclasses; captures use a plain one:
+
+    with HookScope() as scope:
+        scope.on_output(adapter.decoder_layers[3], lambda module, args, output: ...)
+        model(**inputs)
 
 transformers 5 calls `ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, query, key, value,
 attention_mask, scaling=..., dropout=...)` in each attention module. `attention_hooks(...)` switches
@@ -10,9 +19,8 @@ the block: the previous implementation is restored even when the block raises.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -139,22 +147,78 @@ def layer_index_map(decoder_layers: Iterable[nn.Module]) -> dict[int, int]:
     return {id(m): i for i, layer in enumerate(decoder_layers) for m in layer.modules()}
 
 
-@contextlib.contextmanager
-def attention_hooks(adapter, *hooks: AttentionHook) -> Iterator[None]:
-    """Route the language model's attention through the dispatcher with `hooks` active."""
-    _register()
-    target = adapter.language_model
-    config = target.config
-    previous = config._attn_implementation
-    scope = _Scope(layer_index_map(adapter.decoder_layers), tuple(hooks))
-    token = _ACTIVE.set(_ACTIVE.get() + (scope,))
-    switched = False
-    try:
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states in a decoder layer's output (a tensor, or a tuple / list that starts with it)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """A decoder layer's output with its hidden states replaced by `hidden`."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
+class HookScope:
+    """Hooks installed for one `with` block and always removed (see the module doc).
+
+    Subclasses register their hooks in `_install`, which runs on entry; a plain `HookScope` takes
+    hooks registered inside its block."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], Any]] = []
+
+    def _install(self) -> None:
+        """Register the scope's hooks (subclasses)."""
+
+    def on_output(self, module: nn.Module, hook: Callable) -> None:
+        """`hook(module, args, output)` after `module` runs; a value it returns replaces the output."""
+        self._undo.append(module.register_forward_hook(hook).remove)
+
+    def on_input(self, module: nn.Module, hook: Callable) -> None:
+        """`hook(module, args, kwargs)` before `module` runs; an (args, kwargs) pair it returns replaces them."""
+        self._undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+
+    def on_attention(self, adapter, *hooks: AttentionHook) -> None:
+        """Route the language model's attention through the dispatcher with `hooks` active."""
+        _register()
+        target = adapter.language_model
+        previous = target.config._attn_implementation
+        token = _ACTIVE.set(_ACTIVE.get() + (_Scope(layer_index_map(adapter.decoder_layers), tuple(hooks)),))
+        self._undo.append(lambda: _ACTIVE.reset(token))
         if previous != IMPLEMENTATION:
             target.set_attn_implementation(IMPLEMENTATION)
-            switched = True
-        yield
-    finally:
-        _ACTIVE.reset(token)
-        if switched:
-            target.set_attn_implementation(previous)
+            self._undo.append(lambda: target.set_attn_implementation(previous))
+
+    def __enter__(self):
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook of the scope, the latest first."""
+        while self._undo:
+            self._undo.pop()()
+
+
+class _AttentionScope(HookScope):
+    def __init__(self, adapter, hooks: tuple[AttentionHook, ...]):
+        super().__init__()
+        self.adapter, self.hooks = adapter, hooks
+
+    def _install(self) -> None:
+        self.on_attention(self.adapter, *self.hooks)
+
+
+def attention_hooks(adapter, *hooks: AttentionHook) -> HookScope:
+    """A scope that routes the language model's attention through the dispatcher with `hooks` active
+    (`with attention_hooks(adapter, recorder): ...`)."""
+    return _AttentionScope(adapter, hooks)

@@ -1,7 +1,7 @@
 """Scoped interventions on a VLM's language model: hidden states and attention (SPEC section 1).
 
-Every intervention is a context manager that installs its hooks on entry and removes them on exit,
-also when the block raises; nothing outlives its `with` block.
+Every intervention is a `vrp_eval.hooks.HookScope`: a context manager that installs its hooks on
+entry and removes them on exit, also when the block raises; nothing outlives its `with` block.
 
 Hidden states (the residual stream):
 
@@ -41,10 +41,11 @@ from typing import Any
 
 import torch
 
-from vrp_eval.hooks import AttentionHook
-from vrp_eval.options import DEFAULTS
+from vrp_eval.adapters import GROUPS
+from vrp_eval.hooks import AttentionHook, HookScope, hidden_of, with_hidden
+from vrp_eval.options import DEFAULTS, NOISE_KINDS
 
-KINDS = ("gaussian", "mean", "zero")
+KINDS = NOISE_KINDS
 SITES = ("output", "input")
 CALIBRATION_SAMPLES = DEFAULTS["n_calibration"]  # the probe option n_calibration
 _SEED_STRIDE = 1_000_003
@@ -70,7 +71,7 @@ def noise_generator(seed: int, noise_index: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * _SEED_STRIDE + int(noise_index))
 
 
-def corrupt_states(states: torch.Tensor, mask: torch.Tensor, kind: str, *, scale: float = 3.0,
+def corrupt_states(states: torch.Tensor, mask: torch.Tensor, kind: str, *, scale: float = DEFAULTS["noise_scale"],
                    sigma: float | None = None, seed: int = 0, noise_index: int = 0) -> torch.Tensor:
     """A corrupted copy of `states` (B, T, D) at the positions `mask` (B, T) (see the module doc)."""
     mask = mask.to(states.device).bool()
@@ -103,18 +104,6 @@ def _sigma_at(sigma: Any, layer: int) -> float | None:
     return float(sigma[layer])
 
 
-def _hidden_of(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    if isinstance(output, list):
-        return [hidden, *output[1:]]
-    return hidden
-
-
 def _as_mask(masks: torch.Tensor, what: str) -> torch.Tensor:
     masks = torch.as_tensor(masks)
     if masks.ndim != 2 or masks.dtype != torch.bool:
@@ -123,49 +112,17 @@ def _as_mask(masks: torch.Tensor, what: str) -> torch.Tensor:
     return masks
 
 
-def _layer_list(layers: Iterable[int] | None, num_layers: int) -> list[int]:
-    chosen = list(range(num_layers)) if layers is None else sorted({int(l) for l in layers})
-    bad = [l for l in chosen if not 0 <= l < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has decoder layers 0..{num_layers - 1}")
-    return chosen
-
-
 # --------------------------------------------------------------------------------------------------
-# Scoped hooks
+# Hidden-state interventions (hook scopes)
 # --------------------------------------------------------------------------------------------------
-class _HookScope:
-    """Base for interventions made of PyTorch hooks: `_install` registers, exit always removes."""
+class EmbeddingCorruption(HookScope):
+    """Corrupt the embeddings entering the language model at `image_mask` (where the adapter says
+    they enter: `adapter.hook_embeddings`). Calls of another shape (cached generation steps) pass
+    through."""
 
-    def __init__(self) -> None:
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def _install(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __enter__(self):
-        try:
-            self._install()
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-
-class EmbeddingCorruption(_HookScope):
-    """Corrupt the embeddings entering the language model at `image_mask` (a forward pre-hook on
-    `adapter.language_model` that rewrites its `inputs_embeds`). Calls of another shape (cached
-    generation steps) pass through."""
-
-    def __init__(self, adapter, image_mask: torch.Tensor, kind: str = "gaussian", scale: float = 3.0,
-                 sigma: float | None = None, seed: int = 0, noise_index: int = 0):
+    def __init__(self, adapter, image_mask: torch.Tensor, kind: str = DEFAULTS["noise"],
+                 scale: float = DEFAULTS["noise_scale"], sigma: float | None = None, seed: int = 0,
+                 noise_index: int = 0):
         super().__init__()
         check_kind(kind, scale, sigma)
         self.adapter = adapter
@@ -174,21 +131,18 @@ class EmbeddingCorruption(_HookScope):
         self.seed, self.noise_index = seed, noise_index
         self.calls = 0
 
-    def _hook(self, module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None or tuple(embeds.shape[:2]) != tuple(self.mask.shape):
+    def _corrupt(self, embeds: torch.Tensor) -> torch.Tensor | None:
+        if tuple(embeds.shape[:2]) != tuple(self.mask.shape):
             return None
         self.calls += 1
-        kwargs = dict(kwargs)
-        kwargs["inputs_embeds"] = corrupt_states(embeds, self.mask, self.kind, scale=self.scale, sigma=self.sigma,
-                                                 seed=self.seed, noise_index=self.noise_index)
-        return args, kwargs
+        return corrupt_states(embeds, self.mask, self.kind, scale=self.scale, sigma=self.sigma,
+                              seed=self.seed, noise_index=self.noise_index)
 
     def _install(self) -> None:
-        self._handles.append(self.adapter.language_model.register_forward_pre_hook(self._hook, with_kwargs=True))
+        self.adapter.hook_embeddings(self, self._corrupt)
 
 
-class HiddenStateIntervention(_HookScope):
+class HiddenStateIntervention(HookScope):
     """Noise or ablate decoder-layer hidden states at `masks` (B, T) in `layers`.
 
     site="output" (default) changes each layer's output; site="input" changes the states each layer
@@ -198,15 +152,15 @@ class HiddenStateIntervention(_HookScope):
     arriving in this run: at the first intervened layer these are the clean ones; a later layer of
     the same intervention sees states already ablated below it."""
 
-    def __init__(self, adapter, layers: Iterable[int] | None, masks: torch.Tensor, kind: str = "gaussian",
-                 scale: float = 3.0, sigma: Any = None, seed: int = 0, site: str = "output",
+    def __init__(self, adapter, layers: Iterable[int] | None, masks: torch.Tensor, kind: str = DEFAULTS["noise"],
+                 scale: float = DEFAULTS["noise_scale"], sigma: Any = None, seed: int = 0, site: str = "output",
                  noise_index: int = 0):
         super().__init__()
         check_kind(kind, scale, sigma)
         if site not in SITES:
             raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
         self.adapter = adapter
-        self.layers = _layer_list(layers, adapter.num_layers)
+        self.layers = adapter.check_layers(layers)
         self.mask = _as_mask(masks, "masks")
         self.kind, self.scale, self.sigma, self.seed, self.site = kind, scale, sigma, seed, site
         self.noise_index = noise_index
@@ -221,8 +175,8 @@ class HiddenStateIntervention(_HookScope):
 
     def _output_hook(self, layer: int):
         def hook(module, args, output):
-            new = self._corrupt(layer, _hidden_of(output))
-            return None if new is None else _with_hidden(output, new)
+            new = self._corrupt(layer, hidden_of(output))
+            return None if new is None else with_hidden(output, new)
         return hook
 
     def _input_hook(self, layer: int):
@@ -238,32 +192,32 @@ class HiddenStateIntervention(_HookScope):
         for layer in self.layers:
             module = self.adapter.decoder_layers[layer]
             if self.site == "output":
-                self._handles.append(module.register_forward_hook(self._output_hook(layer)))
+                self.on_output(module, self._output_hook(layer))
             else:
-                self._handles.append(module.register_forward_pre_hook(self._input_hook(layer), with_kwargs=True))
+                self.on_input(module, self._input_hook(layer))
 
 
-class RestoreHiddenStates(_HookScope):
+class RestoreHiddenStates(HookScope):
     """Replace decoder layer `layer`'s output at `masks` by `clean_states` (B, T, D)."""
 
     def __init__(self, adapter, layer: int, masks: torch.Tensor, clean_states: torch.Tensor):
         super().__init__()
         self.adapter = adapter
-        self.layer = _layer_list([layer], adapter.num_layers)[0]
+        self.layer = adapter.check_layers([layer])[0]
         self.mask = _as_mask(masks, "masks")
         if tuple(clean_states.shape[:2]) != tuple(self.mask.shape):
             raise ValueError(f"clean_states {tuple(clean_states.shape)} do not match masks {tuple(self.mask.shape)}")
         self.clean = clean_states
 
     def _hook(self, module, args, output):
-        hidden = _hidden_of(output)
+        hidden = hidden_of(output)
         if tuple(hidden.shape[:2]) != tuple(self.mask.shape):
             return None
         mask = self.mask.to(hidden.device).unsqueeze(-1)
-        return _with_hidden(output, torch.where(mask, self.clean.to(hidden.device, hidden.dtype), hidden))
+        return with_hidden(output, torch.where(mask, self.clean.to(hidden.device, hidden.dtype), hidden))
 
     def _install(self) -> None:
-        self._handles.append(self.adapter.decoder_layers[self.layer].register_forward_hook(self._hook))
+        self.on_output(self.adapter.decoder_layers[self.layer], self._hook)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,7 +334,7 @@ class NoiseScale:
     inputs: dict[str, list[float]]
     outputs: dict[str, list[float]]
     n_samples: int
-    groups: tuple[str, ...] = field(default=("image", "text", "last", "all"))
+    groups: tuple[str, ...] = field(default=GROUPS)
 
     def layers(self, group: str = "image", site: str = "output") -> torch.Tensor:
         """Per-layer sigma (L,) of `group` at `site` ("output" or "input")."""
@@ -411,14 +365,9 @@ class _Moments:
         return math.sqrt(max(self.squares / self.n - mean * mean, 0.0) * self.n / (self.n - 1))
 
 
-def model_inputs_on_device(loaded, batch) -> dict[str, Any]:
-    return {k: (v.to(loaded.device) if torch.is_tensor(v) else v)
-            for k, v in loaded.adapter.model_inputs(batch).items()}
-
-
 @torch.no_grad()
 def estimate_sigma(loaded, batches: Any, max_samples: int = CALIBRATION_SAMPLES,
-                   groups: Sequence[str] = ("image", "text", "last", "all")) -> NoiseScale:
+                   groups: Sequence[str] = GROUPS) -> NoiseScale:
     """sigma per group at the embedding level and at every decoder layer's input and output, from
     the clean states of up to `max_samples` samples of `batches` (an encoded batch or an iterable of
     them). One forward pass per batch."""
@@ -444,10 +393,6 @@ def estimate_sigma(loaded, batches: Any, max_samples: int = CALIBRATION_SAMPLES,
             for g in groups:
                 table[g].add(hidden[:take][masks[g]])
 
-        def lm_hook(module, args, kwargs):
-            if kwargs.get("inputs_embeds") is not None:
-                add(embedding, kwargs["inputs_embeds"])
-
         def input_hook(layer):
             def hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -456,18 +401,15 @@ def estimate_sigma(loaded, batches: Any, max_samples: int = CALIBRATION_SAMPLES,
 
         def output_hook(layer):
             def hook(module, args, output):
-                add({g: outputs[g][layer] for g in groups}, _hidden_of(output))
+                add({g: outputs[g][layer] for g in groups}, hidden_of(output))
             return hook
 
-        handles = [adapter.language_model.register_forward_pre_hook(lm_hook, with_kwargs=True)]
-        try:
+        with HookScope() as scope:
+            adapter.hook_embeddings(scope, lambda embeds, add=add: add(embedding, embeds))
             for i, layer in enumerate(adapter.decoder_layers):
-                handles.append(layer.register_forward_pre_hook(input_hook(i), with_kwargs=True))
-                handles.append(layer.register_forward_hook(output_hook(i)))
-            loaded.model(**model_inputs_on_device(loaded, batch), use_cache=False, logits_to_keep=1)
-        finally:
-            for handle in handles:
-                handle.remove()
+                scope.on_input(layer, input_hook(i))
+                scope.on_output(layer, output_hook(i))
+            loaded.model(**loaded.model_inputs(batch), use_cache=False, logits_to_keep=1)
         seen += take
     if seen == 0:
         raise ValueError("estimate_sigma got no samples: pass at least one encoded batch")

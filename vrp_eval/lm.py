@@ -15,14 +15,14 @@ Short answer (`generate_until`, task `vrp_text_synth`). As the lmms-eval backend
 once per task, on a `TextAdapter` (vrp_eval/textlm.py: the subject sentence plays the image), answers
 with the plain answer (what any lm-eval model returns, so every task scores it with its own code) and
 leaves each sample's record in `harness.RECORDS`. `process_results` scores the plain answer and takes
-the record from there; the aggregations rebuild the records and call `probe.aggregate`: calibration,
+the record from there; the aggregations rebuild the records and call `aggregation.aggregate`: calibration,
 attention sharpness, causal trace, knockout circuit and causal drop, under the SPEC names.
 
 Multiple choice (`loglikelihood`, task `vrp_text_synth_mc`). `loglikelihood` returns lm-eval's own
 (log-probability, is-greedy) tuples, so any multiple-choice task scores as with `--model hf`. The
 task's `process_results` makes each sample's record from those tuples (the prediction is lm-eval's,
 the argmax of the choices' log-likelihoods; confidence = softmax over the choices) and the
-aggregations call `probe.aggregate`: accuracy and calibration. No causal trace there: a
+aggregations call `aggregation.aggregate`: accuracy and calibration. No causal trace there: a
 loglikelihood response has no room for one.
 """
 from __future__ import annotations
@@ -35,28 +35,22 @@ if __name__ == "__main__":  # `python -m vrp_eval.lm`: run the importable module
     sys.exit(main())
 
 import dataclasses
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from vrp_eval import harness
+from vrp_eval import harness, metric_table
 from vrp_eval.harness import PAYLOAD_VERSION, RECORDS
-from vrp_eval.options import OPTIONS, option
 
 PAYLOAD_FORMAT = "vrp-eval/lm-record"
 
-#: The short-answer task's metrics beside `accuracy` (SPEC names; for a text model "image" reads
-#: "subject": `mean_image_attention_mass` is the attention mass on the subject sentence).
-RELIABILITY_METRICS: tuple[str, ...] = tuple(
-    name for name in harness.RELIABILITY_METRICS if not name.startswith("sharpness_heldout"))
-#: The multiple-choice task's metrics beside `accuracy`.
-CALIBRATION_METRICS: tuple[str, ...] = (
-    "n_samples", "mean_confidence", "ece", "ece_ci_low", "ece_ci_high", "mce", "ace", "brier",
-)
-_TASK_DECIDES = harness.TASK_DECIDES
+#: The short-answer task's metrics beside `accuracy`, from the metric table (for a text model "image"
+#: reads "subject": `mean_image_attention_mass` is the attention mass on the subject sentence).
+RELIABILITY_METRICS: tuple[str, ...] = metric_table.columns("lm", metric_table.SUMMARY)
+#: The multiple-choice task's metrics beside `accuracy`, from the metric table.
+CALIBRATION_METRICS: tuple[str, ...] = metric_table.columns("lm_mc", metric_table.SUMMARY)
 _LOAD_OPTIONS = ("device", "dtype", "revision", "trust_remote_code", "subject_end")
 
 
@@ -80,18 +74,16 @@ def decode_response(text: str) -> tuple[str, dict[str, Any] | None]:
 # --------------------------------------------------------------------------------------------
 
 def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any], str]:
-    """(model id, ProbeSettings, load_text_model keywords, answer field) from `--model_args`
-    plus lm-eval's batch_size / device. ProbeSettings fields keep their names; lists as `a;b`."""
-    from vrp_eval.probe import ProbeSettings
+    """(model id, ProbeSettings, load_text_model keywords, answer field) from `--model_args` plus
+    lm-eval's batch_size / device (`harness.parse_probe_args`; the text signals are the default)."""
     from vrp_eval.textlm import TEXT_SIGNALS, TINY_TEXT_LLAMA
 
-    args = {k: v for k, v in args.items() if v is not None}
-    model_id = str(args.pop("pretrained", TINY_TEXT_LLAMA.name))
-    answer_field = str(args.pop("answer_field", "answer"))
-    args.pop("max_batch_size", None)
-    if str(args.get("batch_size", "")).startswith("auto"):
-        args.pop("batch_size")
-    load_kwargs = {name: args.pop(name) for name in _LOAD_OPTIONS if name in args}
+    args = dict(args)
+    model_id = str(args.pop("pretrained", None) or TINY_TEXT_LLAMA.name)
+    answer_field = str(args.pop("answer_field", None) or "answer")
+    load_kwargs, settings = harness.parse_probe_args(
+        args, backend="vrp-lm", harness_name="lm-eval", load_options=_LOAD_OPTIONS,
+        model_hint="pretrained=<folder | tiny-text-llama | Hub id>, answer_field", defaults={"signals": TEXT_SIGNALS})
     if str(load_kwargs.get("device", "")).startswith("cuda"):
         import torch
 
@@ -99,18 +91,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any], st
             load_kwargs["device"] = "cpu"
     if "dtype" in load_kwargs:
         load_kwargs["dtype"] = str(load_kwargs["dtype"])
-    hints = {opt.name for opt in OPTIONS}
-    settings: dict[str, Any] = {"signals": TEXT_SIGNALS}
-    for name, value in args.items():
-        if name in _TASK_DECIDES:
-            raise ValueError(f"model argument {name!r} is set by lm-eval ({_TASK_DECIDES[name]}), not by --model_args")
-        if name not in hints:
-            raise ValueError(
-                f"unknown model argument {name!r} for --model vrp-lm; use pretrained=<folder | tiny-text-llama | "
-                f"Hub id>, answer_field, loading options ({', '.join(_LOAD_OPTIONS)}) or probe options "
-                f"({', '.join(sorted(set(hints) - set(_TASK_DECIDES)))})")
-        settings[name] = option(name).parse(value)  # OptionError names the option, the value and the range
-    return model_id, ProbeSettings(**settings), load_kwargs, answer_field
+    return model_id, settings, load_kwargs, answer_field
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +99,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any], st
 # --------------------------------------------------------------------------------------------
 
 @register_model("vrp-lm")
-class VRPLM(TemplateLM):
+class VRPLM(harness.ProbeBackend, TemplateLM):
     """lm-eval model `vrp-lm`: a text-only causal LM behind vrp-eval's probe engine.
 
     `--model_args pretrained=<save_pretrained folder | tiny-text-llama | Hub id>,<option>=<value>,...`
@@ -129,13 +110,15 @@ class VRPLM(TemplateLM):
     n_bootstrap, ...; lists as `a;b;c`). `batch_size` is the probe's and the scoring batch size.
     """
 
+    payload_format = PAYLOAD_FORMAT
+
     def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         from vrp_eval.textlm import load_text_model
 
         if pretrained is not None:
             kwargs["pretrained"] = pretrained
-        self._explicit = set(kwargs)
+        self.explicit = set(kwargs)
         model_id, self.settings, load_kwargs, self.answer_field = parse_model_args(kwargs)
         self.loaded = load_text_model(model_id, **load_kwargs)
         self.tokenizer = self.loaded.processor
@@ -191,24 +174,12 @@ class VRPLM(TemplateLM):
                                   "(generate_until) tasks; perplexity tasks carry no answer to probe")
 
     # ---- short answer ---------------------------------------------------------------------------
-    def _settings_for(self, task: str, gen_kwargs: dict[str, Any]):
-        changes: dict[str, Any] = {"dataset": task}
-        if "max_new_tokens" not in self._explicit:
-            tokens = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens"))
-            if tokens:
-                changes["max_new_tokens"] = int(tokens)
-        return dataclasses.replace(self.settings, **changes)
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Probe every request (one `run_probe` per task, in document order), answer with the plain
         answer and leave each sample's record in `harness.RECORDS` (module docstring)."""
-        from vrp_eval import __version__
-        from vrp_eval.probe import run_probe
         from vrp_eval.textlm import text_example
 
-        by_task: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-        for position, request in enumerate(requests):
-            by_task[request.task_name][int(request.doc_id)].append(position)
+        by_task = harness.group_requests(requests, lambda r: (r.task_name, r.doc_id))
         responses: list[str | None] = [None] * len(requests)
         RECORDS.clear()
         for task, positions_of in by_task.items():
@@ -216,24 +187,14 @@ class VRPLM(TemplateLM):
             firsts = [requests[positions_of[doc_id][0]] for doc_id in doc_ids]
             examples = [text_example(doc_id, request.args[0], _answer_of(request.doc, self.answer_field))
                         for doc_id, request in zip(doc_ids, firsts)]
-            settings = self._settings_for(task, firsts[0].args[1])
+            settings = self.settings_for(task, firsts[0].args[1])
             if any(not example.answers for example in examples) and "circuit" in settings.signals:
                 # The circuit scores knockout answers against the reference: without one, leave it out.
                 settings = dataclasses.replace(settings, signals=tuple(s for s in settings.signals if s != "circuit"))
-            report = run_probe(self.loaded, settings, examples=examples, progress=not disable_tqdm)
-            state = {"windows": [list(w) for w in report.state.windows] if report.state else [],
-                     "circuit": list(report.state.circuit) if report.state and report.state.circuit else None,
-                     "control": list(report.state.control) if report.state and report.state.control else None}
-            for doc_id, request, record in zip(doc_ids, firsts, report.records):
-                answer = _cut(record.answer, request.args[1].get("until"))
-                RECORDS.put(request.doc, answer, {
-                    "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id,
-                    "model": {"model_name": self.loaded.model_name, "model_sha": self.loaded.model_sha,
-                              "model_dtype": self.loaded.dtype, "model_family": self.loaded.family,
-                              "model_num_parameters": self.loaded.num_parameters(), "vrp_eval_version": __version__},
-                    "settings": settings.to_dict(), "state": state, "record": dataclasses.asdict(record)})
-                for position in positions_of[doc_id]:
-                    responses[position] = answer
+            until = {doc_id: request.args[1].get("until") for doc_id, request in zip(doc_ids, firsts)}
+            harness.spread(self.probe_task(task, doc_ids, examples, [r.doc for r in firsts], settings,
+                                           answer=lambda record, doc_id, until=until: _cut(record.answer, until[doc_id]),
+                                           progress=not disable_tqdm), positions_of, responses)
         return responses  # type: ignore[return-value]
 
 
@@ -278,7 +239,7 @@ def choice_record(question_id: Any, question: str, choices: list[str], gold: int
     import numpy as np
 
     from vrp_eval import statistics
-    from vrp_eval.probe import SampleRecord
+    from vrp_eval.records import SampleRecord
 
     lls = np.asarray(loglikelihoods, dtype=float)
     probs = np.exp(lls - lls.max())
@@ -318,7 +279,7 @@ def _warn_no_record() -> None:
         "`python -m vrp_eval.lm --model vrp-lm --model_args pretrained=...` to compute them")
 
 
-#: `probe.aggregate` of one task's samples, computed once and shared by every metric.
+#: `aggregation.aggregate` of one task's samples, computed once and shared by every metric.
 summarise = harness.Summaries(lambda samples: harness.aggregate_probed(samples, _warn_no_record))
 reliability_aggregation = summarise.aggregation
 

@@ -10,7 +10,7 @@ answer, as any backend does: every task, `vrp_*` or not, scores exactly that tex
 Each sample's record goes to `harness.RECORDS` (this process's channel, keyed by the document's
 content and the answer). A `vrp_*` task's `process_results` scores the plain answer with the upstream
 task's own function, takes the record from the channel and emits per metric a `RecordSample`; the
-aggregations rebuild the records in dataset order and call `probe.aggregate`, so lmms-eval and
+aggregations rebuild the records in dataset order and call `aggregation.aggregate`, so lmms-eval and
 `vrp-eval run` report the same numbers from the same code. With `--log_samples`, `n_probed`'s
 per-sample value is the record as JSON (`vrp-eval run --from-lmms` reads it back). Run with any other
 backend, or on responses replayed by `--use_cache`, the tasks still report accuracy; the reliability
@@ -23,16 +23,12 @@ it adds `tasks_dir()` to every TaskManager's include paths (after the built-in t
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import threading
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-
-from vrp_eval import __version__
 
 
 def MANIFESTS():  # upper case: the entry point's name in pyproject.toml
@@ -48,19 +44,15 @@ def MANIFESTS():  # upper case: the entry point's name in pyproject.toml
 from lmms_eval.api.model import lmms
 
 from vrp_eval import harness
-from vrp_eval.data import Example
-from vrp_eval.harness import PAYLOAD_VERSION, RECORDS
-from vrp_eval.options import OPTIONS, option
+from vrp_eval.harness import RECORDS
 
 PAYLOAD_FORMAT = "vrp-eval/lmms-record"
 
 #: What every `vrp_*` task reports beside `accuracy`, each aggregated over all samples by
-#: `probe.aggregate` (SPEC names, their CIs / p-values / Spearman). tasks/_vrp_template_yaml lists
+#: `aggregation.aggregate` (SPEC names, their CIs / p-values / Spearman). tasks/_vrp_template_yaml lists
 #: the same names; a test keeps the two in step.
 RELIABILITY_METRICS: tuple[str, ...] = harness.RELIABILITY_METRICS
 
-# Options of `run_probe` that the task decides, not the model arguments.
-_TASK_DECIDES = harness.TASK_DECIDES
 
 
 def tasks_dir() -> Path:
@@ -84,60 +76,26 @@ def decode_response(text: str) -> tuple[str, dict[str, Any] | None]:
 # --------------------------------------------------------------------------------------------
 
 def parse_model_args(args: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-    """Split lmms-eval's `--model_args` (plus batch_size, device ...) into
-    (model id, ProbeSettings, load_model keywords). Every ProbeSettings field is an option, under
-    its own name, converted to the field's type; anything else is an error that lists the options."""
+    """Split lmms-eval's `--model_args` (plus batch_size, device ...) into (model id, ProbeSettings,
+    load_model keywords) (`harness.parse_probe_args`)."""
     import inspect
 
     from vrp_eval.loading import load_model
-    from vrp_eval.probe import ProbeSettings
     from vrp_eval.zoo import DEFAULT_MODEL
 
     args = dict(args)
-    model_id = str(harness.strip_quotes(args.pop("pretrained", DEFAULT_MODEL)))
-    args.pop("max_batch_size", None)  # lmms-eval passes it to every backend
-    if str(args.get("batch_size", "")).startswith("auto"):
-        args.pop("batch_size")  # no automatic batch size: ProbeSettings' default
-    load_params = {name for name, p in inspect.signature(load_model).parameters.items()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    load_kwargs = {name: harness.strip_quotes(args.pop(name)) for name in list(args)
-                   if name in load_params and args[name] is not None}
-    probe_fields = {opt.name for opt in OPTIONS}
-    settings_kwargs: dict[str, Any] = {}
-    for name in list(args):
-        value = args.pop(name)
-        if name in _TASK_DECIDES:
-            raise ValueError(f"model argument {name!r} is set by lmms-eval ({_TASK_DECIDES[name]}), not by --model_args")
-        if name not in probe_fields:
-            raise ValueError(
-                f"unknown model argument {name!r} for --model vrp; use pretrained=<Hub id | local folder | zoo "
-                f"name>, loading options ({', '.join(sorted(load_params))}) or probe options "
-                f"({', '.join(sorted(probe_fields - set(_TASK_DECIDES)))})"
-            )
-        if value is None:
-            continue
-        settings_kwargs[name] = option(name).parse(value)  # OptionError names the option, the value and the range
-    return model_id, ProbeSettings(**settings_kwargs), load_kwargs
+    model_id = str(harness.strip_quotes(args.pop("pretrained", None) or DEFAULT_MODEL))
+    load_options = [name for name, p in inspect.signature(load_model).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    load_kwargs, settings = harness.parse_probe_args(
+        args, backend="vrp", harness_name="lmms-eval", load_options=load_options,
+        model_hint="pretrained=<Hub id | local folder | zoo name>")
+    return model_id, settings, load_kwargs
 
 
 # --------------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ContextExample(Example):
-    """An `Example` whose prompt text is lmms-eval's context string (the task's own prompt)."""
-
-    context: str = ""
-
-    def prompt_text(self, post_prompt: str, mc_scoring: str = "likelihood") -> str:
-        return self.context
-
-
-def _context_example(example: Example, context: str) -> ContextExample:
-    values = {f.name: getattr(example, f.name) for f in dataclasses.fields(example)}
-    return ContextExample(**values, context=context)
-
 
 def _gather_records(records: list[Any]) -> list[Any]:
     """`run_probe`'s `reduce` under several processes: every process's records, in rank order."""
@@ -184,15 +142,7 @@ def _global_first(examples: list[Any], doc_ids: list[int], n: int, skip_bad: boo
     return [e for _, e in sorted((pair for part in shared for pair in part), key=lambda pair: pair[0])]
 
 
-def _engine_state(report) -> dict[str, Any]:
-    """The run-wide choices `aggregate` needs beside the records (the knockout windows, the circuit
-    and its control window), as JSON; read from the report's metrics and details."""
-    curve = report.details.get("knockout_curve") or []
-    return {"windows": [list(point["window"]) for point in curve],
-            "circuit": report.metrics.get("circuit_layers"), "control": report.metrics.get("control_layers")}
-
-
-class VRP(lmms):
+class VRP(harness.ProbeBackend, lmms):
     """lmms-eval model `vrp`: vrp-eval's loader and probe engine behind lmms-eval's CLI.
 
     `--model_args pretrained=<Hub id | local folder | zoo name>,<option>=<value>,...` where the
@@ -202,6 +152,7 @@ class VRP(lmms):
     """
 
     is_simple = True
+    payload_format = PAYLOAD_FORMAT
 
     def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -211,13 +162,12 @@ class VRP(lmms):
 
         if pretrained is not None:
             kwargs["pretrained"] = pretrained
-        self._explicit = set(kwargs)
+        self.explicit = set(kwargs)
         model_id, self.settings, load_kwargs = parse_model_args(kwargs)
         accelerator = Accelerator()
         if accelerator.num_processes > 1 and not (load_kwargs.get("device") or load_kwargs.get("device_map")):
             load_kwargs["device"] = str(accelerator.device)  # one device per process
         self.loaded = load_model(model_id, **load_kwargs)
-        self._num_parameters = self.loaded.num_parameters()
         self.accelerator = accelerator
         self._rank = accelerator.process_index
         self._world_size = accelerator.num_processes
@@ -231,67 +181,31 @@ class VRP(lmms):
     def batch_size(self) -> int:
         return self.settings.batch_size
 
-    def _settings_for(self, task: str, split: str, gen_kwargs: dict[str, Any]):
-        changes: dict[str, Any] = {"dataset": task, "split": split}
-        if "max_new_tokens" not in self._explicit and gen_kwargs.get("max_new_tokens"):
-            changes["max_new_tokens"] = int(gen_kwargs["max_new_tokens"])
-        return dataclasses.replace(self.settings, **changes)
-
-    def _payload(self, task: str, doc_id: int, record, settings, state: dict[str, Any]) -> dict[str, Any]:
-        loaded = self.loaded
-        return {
-            "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "task": task, "doc_id": doc_id,
-            "model": {"model_name": loaded.model_name, "model_sha": loaded.model_sha,
-                      "model_dtype": loaded.dtype, "model_family": loaded.family,
-                      "model_num_parameters": self._num_parameters, "vrp_eval_version": __version__},
-            "settings": settings.to_dict(),
-            "state": state,
-            "record": dataclasses.asdict(record),
-        }
-
     def generate_until(self, requests) -> list[str]:
         """Probe every request (one `run_probe` per task, in dataset order), answer with the plain
         answer and leave each record in `harness.RECORDS` (see the module docstring)."""
-        from vrp_eval.data import to_example
-        from vrp_eval.probe import run_probe
+        from vrp_eval.data import to_example, with_prompt
 
-        by_task: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-        for position, request in enumerate(requests):
-            _, _, _, doc_id, task, split = request.args
-            # Rank padding repeats a request: probe each document once.
-            by_task[(task, split)][int(doc_id)].append(position)
+        by_task = harness.group_requests(requests, lambda r: ((r.args[4], r.args[5]), r.args[3]))
         responses: list[str | None] = [None] * len(requests)
         RECORDS.clear()
         for (task, split), positions_of in by_task.items():
+            doc_ids = sorted(positions_of)
             examples, docs = [], []
-            for doc_id in sorted(positions_of):
+            for doc_id in doc_ids:
                 context, gen_kwargs, doc_to_visual, _, _, _ = requests[positions_of[doc_id][0]].args
                 doc = self.task_dict[task][split][doc_id]
                 docs.append(doc)
                 visuals = [v for v in (doc_to_visual(doc) or []) if v is not None]
                 row = {**doc, "image": visuals[0] if visuals else None}
-                examples.append(_context_example(to_example(row, doc_id), context))
-            settings = self._settings_for(task, split, gen_kwargs)
-            reduce, calibration = None, None
+                examples.append(with_prompt(to_example(row, doc_id), context))
+            settings = self.settings_for(task, gen_kwargs, split=split)
+            distributed = {}
             if self._world_size > 1:
-                reduce = _gather_records
-                calibration = _global_first(examples, sorted(positions_of), settings.n_calibration,
-                                            skip_bad=settings.on_bad_image == "skip")
-            report = run_probe(self.loaded, settings, examples=examples, progress=self.rank == 0, reduce=reduce,
-                               calibration=calibration)
-            state = _engine_state(report)
-            records = iter(report.records)
-            skipped = list(report.skipped)
-            for doc_id, example, doc in zip(sorted(positions_of), examples, docs):
-                if example.question_id in skipped:
-                    skipped.remove(example.question_id)
-                    text = ""  # no record: the aggregation counts it as skipped
-                else:
-                    record = next(records)
-                    text = record.answer
-                    RECORDS.put(doc, text, self._payload(task, doc_id, record, settings, state))
-                for position in positions_of[doc_id]:
-                    responses[position] = text
+                distributed = {"reduce": _gather_records, "calibration": _global_first(
+                    examples, doc_ids, settings.n_calibration, skip_bad=settings.on_bad_image == "skip")}
+            harness.spread(self.probe_task(task, doc_ids, examples, docs, settings, progress=self.rank == 0,
+                                           **distributed), positions_of, responses)
         return responses  # type: ignore[return-value]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -331,9 +245,6 @@ class VRP(lmms):
 # Task side: process_results and the aggregations
 # --------------------------------------------------------------------------------------------
 
-VRPSample = harness.RecordSample  # the name lmms-eval task code has used
-
-
 def record_of(doc: dict[str, Any], response: str, task: str | None = None) -> tuple[str, dict[str, Any] | None]:
     """(plain answer, the sample's record or None): the record the `vrp` backend left for this
     document, answer and task in this process (earlier vrp-eval responses carry it inline)."""
@@ -349,13 +260,13 @@ def process_results(doc: dict[str, Any], results: list[str], *, score: Callable[
                     score_key: str, extra_metrics: Iterable[str] = (), task: str | None = None) -> dict[str, Any]:
     """Score the plain answer with the upstream task's `score(doc, [answer])`: `accuracy` is its
     `score_key`, `extra_metrics` pass through unchanged, and each reliability metric gets the
-    sample's `VRPSample`. `task` (the task's name) tells apart the records of one document that
+    sample's `harness.RecordSample`. `task` (the task's name) tells apart the records of one document that
     several tasks of a run asked with the same answer."""
     answer, payload = record_of(doc, results[0], task)
     upstream = score(doc, [answer])
     task_score = float(upstream[score_key])
     doc_id = payload["doc_id"] if payload else None
-    sample = VRPSample(doc_id, task_score, payload)
+    sample = harness.RecordSample(doc_id, task_score, payload)
     return {"accuracy": task_score, **harness.sample_values(sample, RELIABILITY_METRICS),
             **{name: upstream[name] for name in extra_metrics}}
 
@@ -377,7 +288,7 @@ def _warn_once(kind: str, message: str) -> None:
 records_from_payloads = harness.records_from_payloads
 
 
-def _summarise(samples: list[VRPSample]) -> dict[str, Any]:
+def _summarise(samples: list[harness.RecordSample]) -> dict[str, Any]:
     metrics = harness.aggregate_probed(samples, lambda: _warn_once("backend", (
         "vrp-eval: no vrp-eval record reached these responses, so the reliability metrics of the vrp_* "
         "tasks (ece, attn_conf_r, causal_acc_drop, ...) are NaN; accuracy is unaffected. Run with "

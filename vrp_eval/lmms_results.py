@@ -6,7 +6,7 @@
 lmms-eval writes `<date>_results.json` and, with `--log_samples`, `<date>_samples_<task>.jsonl`
 beside it. Under `--model vrp` every logged sample holds its record as `n_probed`'s value (see
 `vrp_eval.lmms`; logs of earlier vrp-eval versions carry it at the end of the response), so the
-records, the probe settings and the run-wide choices all come back, and `probe.aggregate` recomputes
+records, the probe settings and the run-wide choices all come back, and `aggregation.aggregate` recomputes
 the same metrics and the details the pictures need.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class LmmsRun:
     task: str
     records: list[Any]  # probe.SampleRecord, in dataset order
     settings: Any  # probe.ProbeSettings
-    metrics: dict[str, Any]  # recomputed with probe.aggregate: what `vrp-eval run` reports
+    metrics: dict[str, Any]  # recomputed with aggregation.aggregate: what `vrp-eval run` reports
     details: dict[str, Any]  # reliability bins, IE curves, knockout curve (for the pictures)
     config: dict[str, Any]  # the results.json `config` block (model, probe settings, versions)
     reported: dict[str, Any]  # the task's metrics as the lmms-eval results file has them
@@ -48,9 +48,9 @@ def _samples_path(results_path: Path, task: str) -> Path:
 def read_lmms_results(results_path: str | Path, task: str | None = None,
                       samples_path: str | Path | None = None) -> LmmsRun:
     """Records, settings and metrics of one vrp_* task of an lmms-eval results file + samples log."""
+    from vrp_eval.aggregation import aggregate
     from vrp_eval.harness import logged_payload
     from vrp_eval.lmms import PAYLOAD_FORMAT, decode_response, records_from_payloads
-    from vrp_eval.probe import aggregate
 
     results_path = Path(results_path)
     try:

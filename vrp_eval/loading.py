@@ -1,8 +1,10 @@
-"""One loader for Hub ids, local folders and zoo names.
+"""One loader for vision-language and text-only models, from Hub ids, local folders and zoo names.
 
     loaded = load_model("tiny-llava")                      # shipped zoo model
     loaded = load_model("llava-hf/llava-1.5-7b-hf", dtype="bfloat16", device_map="auto")
     loaded = load_model("/path/to/a/save_pretrained/folder")
+    loaded = load_model("tiny-text-llama")                 # a text-only causal LM (zoo family "text")
+    loaded = load_model("/path/to/a/causal/lm", text_only=True, subject_end=".")
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from typing import Any
 
 import torch
 
-from vrp_eval.adapters import FamilyAdapter, adapter_for
+from vrp_eval.adapters import SUBJECT_END, FamilyAdapter, TextAdapter, adapter_for
 from vrp_eval.errors import VrpError
-from vrp_eval.zoo import ZOO, is_zoo_name, zoo_path
+from vrp_eval.zoo import ZOO, is_text_model, is_zoo_name, rebuild_command, zoo_path
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -47,6 +49,11 @@ class LoadedModel:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def model_inputs(self, batch) -> dict[str, Any]:
+        """The model's forward arguments from an encoded batch, tensors on the model's device."""
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v)
+                for k, v in self.adapter.model_inputs(batch).items()}
+
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
@@ -69,8 +76,7 @@ def resolve_model(model_id: str, revision: str | None = None) -> tuple[str, str 
         path = zoo_path(model_id)
         if not (path / "config.json").exists():
             raise ModelLoadError(
-                f"zoo model {model_id!r} has no weights at {path}; build them with "
-                f"`vrp-eval train-tiny --family {ZOO[model_id]}`"
+                f"zoo model {model_id!r} has no weights at {path}; build them with `{rebuild_command(model_id)}`"
             )
         return str(path), str(path)
     path = Path(model_id).expanduser()
@@ -115,7 +121,7 @@ def check_device(device: str | None) -> None:
 
 
 def load_model(
-    model_id: str,
+    model_id: str | Path,
     *,
     device: str | None = None,
     dtype: str = "auto",
@@ -123,10 +129,24 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    text_only: bool | None = None,
+    subject_end: str = SUBJECT_END,
 ) -> LoadedModel:
-    """Load a VLM with `AutoModelForImageTextToText` + `AutoProcessor` and pick its adapter."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    """Load a model and pick its adapter: a VLM with `AutoModelForImageTextToText` + `AutoProcessor`
+    and the adapter of its family, or (`text_only`) a text-only causal LM with `AutoModelForCausalLM`
+    + `AutoTokenizer` and a `TextAdapter`, whose subject sentence ends with `subject_end`.
+    `text_only=None`: True for the zoo's text models, False otherwise."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
+    model_id = str(model_id)
+    if text_only is None:
+        text_only = is_text_model(model_id)
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
@@ -146,20 +166,21 @@ def load_model(
         ) from None
     except ValueError as error:
         raise ModelLoadError(f"cannot read the config of {model_id!r}: {error}") from None
+    auto_model = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        model = auto_model.from_pretrained(
             source, config=config, dtype=DTYPES[dtype], device_map=device_map,
             attn_implementation=attn_implementation, **common,
         )
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
-            raise ModelLoadError(
-                f"model type {config.model_type!r} ({type(config).__name__}) is not a vision-language "
-                "model that AutoModelForImageTextToText can load; vrp-eval probes image-text-to-text "
-                "models such as LLaVA, PaliGemma and Qwen2-VL."
-            ) from None
+            what = ("a causal language model that AutoModelForCausalLM can load" if text_only else
+                    "a vision-language model that AutoModelForImageTextToText can load; vrp-eval probes "
+                    "image-text-to-text models such as LLaVA, PaliGemma and Qwen2-VL (text-only causal LMs "
+                    "with text_only=True)")
+            raise ModelLoadError(f"model type {config.model_type!r} ({type(config).__name__}) is not {what}.") from None
         raise
-    processor = AutoProcessor.from_pretrained(source, **common)
+    processor = (AutoTokenizer if text_only else AutoProcessor).from_pretrained(source, **common)
     if device_map is None:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
@@ -167,6 +188,7 @@ def load_model(
         sha = _weights_sha(Path(local))
     else:
         sha = getattr(config, "_commit_hash", None) or "unknown"
+    adapter = TextAdapter(model, processor, subject_end) if text_only else adapter_for(model, processor)
     loaded_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    return LoadedModel(model=model, processor=processor, adapter=adapter_for(model, processor),
+    return LoadedModel(model=model, processor=processor, adapter=adapter,
                        model_name=model_id, model_path=source, model_sha=sha, dtype=loaded_dtype)

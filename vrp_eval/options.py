@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vrp_eval.calibration import DEFAULT_N_BINS, DEFAULT_N_BOOTSTRAP
 from vrp_eval.errors import VrpError
 
 #: Per-sample signals a run can compute; `signals=` (empty) answers and scores only (the probe is off).
@@ -164,8 +165,8 @@ OPTIONS: tuple[Option, ...] = (
            "multiple-choice tasks do; confidence = softmax over the options), or read the option letter the "
            "letter prompt asks for (softmax over the letters at the first answer position)",
            choices=("likelihood", "letter")),
-    Option("n_bins", "int", 15, "calibration bins (ECE, MCE; ACE groups)", minimum=1),
-    Option("n_bootstrap", "int", 1000, "bootstrap resamples for confidence intervals (0: no intervals)", minimum=0),
+    Option("n_bins", "int", DEFAULT_N_BINS, "calibration bins (ECE, MCE; ACE groups)", minimum=1),
+    Option("n_bootstrap", "int", DEFAULT_N_BOOTSTRAP, "bootstrap resamples for confidence intervals (0: no intervals)", minimum=0),
     Option("seed", "int", 0, "seed of the noise, the bootstrap and the discovery / held-out split", minimum=0),
     Option("on_bad_image", "choice", "error", "a sample whose image does not decode: stop with an error, or skip it "
                                               "(counted in n_skipped)", choices=("error", "skip")),

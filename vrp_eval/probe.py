@@ -10,16 +10,15 @@ what it already wrote (same settings), and an error in one batch loses nothing c
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from vrp_eval.aggregation import aggregate
 from vrp_eval.data import (
     DataError,
     Example,
@@ -27,137 +26,22 @@ from vrp_eval.data import (
     load_examples,
     load_image,
 )
-from vrp_eval.generation import AnswerOutput, generate_answers
+from vrp_eval.generation import generate_answers
 from vrp_eval.loading import LoadedModel
-from vrp_eval.options import DEFAULTS, OPTIONS, OptionError
+from vrp_eval.options import OptionError
+from vrp_eval.records import (
+    EngineState,
+    ProbeSettings,
+    SampleRecord,
+    _dumps,
+    choose_confidence,
+    half_of,
+    score_answer,
+    score_output,
+)
 
-
-@dataclass
-class ProbeSettings:
-    """Everything that changes a run's numbers (recorded in results.json and checked on resume).
-
-    Defaults, accepted values and help text live in `vrp_eval.options` (one place for the CLI, this
-    class and the harness model arguments); every field is validated and normalised on creation."""
-
-    dataset: str = DEFAULTS["dataset"]
-    split: str = DEFAULTS["split"]
-    limit: int | None = DEFAULTS["limit"]
-    batch_size: int = DEFAULTS["batch_size"]
-    max_new_tokens: int = DEFAULTS["max_new_tokens"]
-    post_prompt: str = DEFAULTS["post_prompt"]
-    confidence: str = DEFAULTS["confidence"]
-    mc_scoring: str = DEFAULTS["mc_scoring"]
-    n_bins: int = DEFAULTS["n_bins"]
-    n_bootstrap: int = DEFAULTS["n_bootstrap"]
-    seed: int = DEFAULTS["seed"]
-    on_bad_image: str = DEFAULTS["on_bad_image"]
-    # --- the probe engine ---
-    signals: tuple[str, ...] = DEFAULTS["signals"]
-    layers: tuple[int, ...] | None = DEFAULTS["layers"]
-    window: int | None = DEFAULTS["window"]
-    noise: str = DEFAULTS["noise"]
-    noise_scale: float = DEFAULTS["noise_scale"]
-    n_noise: int = DEFAULTS["n_noise"]
-    n_calibration: int = DEFAULTS["n_calibration"]
-    consistency_k: int = DEFAULTS["consistency_k"]
-
-    def __post_init__(self) -> None:
-        for opt in OPTIONS:
-            setattr(self, opt.name, opt.parse(getattr(self, opt.name)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-
-@dataclass
-class SampleRecord:
-    """One line of samples.jsonl."""
-
-    question_id: Any
-    question: str
-    answer: str
-    score: float
-    confidence: float
-    confidence_product: float
-    confidence_first_token: float
-    confidence_length_norm: float
-    token_probs: list[float]
-    reference: str
-    kind: str
-    option_probs: dict[str, float] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    reliability: float | None = None
-    overconfidence: float | None = None
-    half: str | None = None  # discovery | heldout
-    # attention (clean run)
-    sharpness: float | None = None
-    sharpness_per_layer: list[float] | None = None
-    image_attention_mass: float | None = None
-    image_attention_mass_per_layer: list[float] | None = None
-    spatial_entropy: float | None = None  # of the layer-averaged map (the source's H_s)
-    spatial_entropy_layer_mean: float | None = None  # mean of the per-layer entropies
-    spatial_entropy_per_layer: list[float] | None = None
-    d_spatial_entropy: list[float] | None = None
-    cluster_count: int | None = None
-    token_confidence: float | None = None
-    logit_lens_margin: list[float] | None = None  # truth margin: the reference answer's first token
-    logit_lens_margin_predicted: list[float] | None = None  # the model's own first token
-    self_consistency: float | None = None
-    # causal tracing
-    p_clean: float | None = None
-    p_corrupted: float | None = None
-    ie: dict[str, list[float]] | None = None
-    # circuit (discovery half: knockout; held-out half: corrupted and control runs)
-    knockout_scores: list[float] | None = None
-    corrupted_answer: str | None = None
-    corrupted_score: float | None = None
-    control_answer: str | None = None
-    control_score: float | None = None
-    sharpness_corrupted: float | None = None
-
-    def to_json(self) -> str:
-        return _dumps(asdict(self))
-
-
-def _dumps(row: dict[str, Any]) -> str:
-    """Strict JSON (NaN, e.g. the IE of untraced layers, becomes null)."""
-    from vrp_eval.results import to_jsonable
-
-    return json.dumps(to_jsonable(row), allow_nan=False)
-
-
-def score_answer(example: Example, answer: str) -> float:
-    """The task's own per-sample score in [0, 1]."""
-    from vrp_eval import vqa
-
-    if example.kind == "vqa":
-        return vqa.vqa_accuracy(answer, example.answers)
-    if example.kind == "mc":
-        return float(vqa.option_match(answer, example.reference))
-    return float(vqa.exact_match(answer, example.answers))
-
-
-def score_output(example: Example, output: AnswerOutput, mc_scoring: str) -> float:
-    """The per-sample score of an answer: a multiple-choice answer scored by likelihood is right when
-    its option is the correct one; any other answer is scored by its text (`score_answer`)."""
-    if example.kind == "mc" and mc_scoring == "likelihood" and output.option_index is not None:
-        return float(output.option_index == example.answer_index)
-    return score_answer(example, output.text)
-
-
-def choose_confidence(output: AnswerOutput, kind: str, example: Example) -> float:
-    if kind == "option" or (example.kind == "mc" and output.option_probs is not None):
-        if output.option_probs is None:
-            raise ValueError("confidence='option' needs multiple-choice data (choices + answer)")
-        if output.option_index is not None:  # likelihood scoring: the chosen option's probability
-            return list(output.option_probs.values())[output.option_index]
-        from vrp_eval import vqa
-
-        # The probability the model gives the option it chose; its top option if it named none.
-        chosen = [letter for letter in output.option_probs if vqa.option_match(output.text, letter)]
-        return output.option_probs[chosen[0]] if chosen else max(output.option_probs.values())
-    return {"product": output.confidence, "first_token": output.first_token_prob,
-            "length_norm": output.confidence_length_norm}[kind]
+__all__ = ["EngineState", "ProbeReport", "ProbeSettings", "SampleRecord", "aggregate", "check_examples",
+           "half_of", "prepare_engine", "run_probe", "score_answer", "score_output"]
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -165,51 +49,11 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[start:start + size]
 
 
-def half_of(question_id: Any, seed: int) -> str:
-    """Discovery or held-out, from a hash of the sample id: independent of order, batching and sharding."""
-    digest = hashlib.sha256(f"{seed}:{question_id}".encode()).digest()
-    return "discovery" if digest[0] % 2 == 0 else "heldout"
-
-
-@dataclass
-class EngineState:
-    """What the whole run shares: noise scales and (after the discovery pass) the circuit."""
-
-    sigma: Any = None
-    windows: list[tuple[int, int]] = field(default_factory=list)
-    circuit: tuple[int, int] | None = None
-    control: tuple[int, int] | None = None
-
-
 def _encode(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings):
     adapter = loaded.adapter
     images = [load_image(e) for e in examples]
     prompts = [adapter.build_prompt(e.prompt_text(settings.post_prompt, settings.mc_scoring)) for e in examples]
     return adapter.encode(images, prompts)
-
-
-def _select(batch, rows: list[int]):
-    """Rows of an encoded batch (Qwen2-VL's flattened pixel patches are split per image)."""
-    import torch
-
-    index = torch.tensor(rows)
-    out = {}
-    for key, value in batch.items():
-        if key == "pixel_values" and "image_grid_thw" in batch:
-            sizes = batch["image_grid_thw"].prod(-1).tolist()
-            chunks = value.split(sizes)
-            out[key] = torch.cat([chunks[r] for r in rows])
-        elif torch.is_tensor(value) and value.shape[:1] == batch["input_ids"].shape[:1]:
-            out[key] = value[index]
-        else:
-            out[key] = value
-    # Drop columns that are padding in every selected row, so the sub-batch equals a fresh encoding.
-    keep = out["attention_mask"].bool().any(0)
-    first = int(keep.int().argmax())
-    for key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels"):
-        if key in out and torch.is_tensor(out[key]) and out[key].dim() == 2:
-            out[key] = out[key][:, first:]
-    return type(batch)(out) if hasattr(batch, "convert_to_tensors") else out
 
 
 def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings,
@@ -260,7 +104,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
         for record, output in zip(records, outputs):
             record.token_confidence = token_confidence(output.token_probs)
     if "logit_lens" in signals:
-        from vrp_eval.attention import logit_lens_margin, reference_token_id
+        from vrp_eval.companions import logit_lens_margin, reference_token_id
 
         truth = [reference_token_id(loaded.adapter, example, settings.mc_scoring) for example in examples]
         pairs = [(t if t is not None else own, own) for t, own in zip(truth, target_ids)]
@@ -268,7 +112,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
             record.logit_lens_margin = truth_margin if known is not None else None
             record.logit_lens_margin_predicted = own_margin
     if "consistency" in signals:
-        from vrp_eval.attention import self_consistency
+        from vrp_eval.companions import self_consistency
 
         for record, value in zip(records, self_consistency(loaded, batch, k=settings.consistency_k,
                                                            seed=settings.seed)):
@@ -284,7 +128,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
 
         rows = [i for i, r in enumerate(records) if r.half == "discovery"]
         if rows:
-            sub = _select(batch, rows)
+            sub = loaded.adapter.select_rows(batch, rows)
             sub_choices = _choices(settings, [examples[row] for row in rows])
             per_window = [knockout_answers(loaded, sub, window, max_new_tokens=settings.max_new_tokens,
                                            choices=sub_choices)
@@ -352,7 +196,7 @@ def _trace_settings(settings: ProbeSettings):
     from vrp_eval.tracing import TraceSettings
 
     return TraceSettings(layers=settings.layers, kind=settings.noise, scale=settings.noise_scale,
-                         n_noise=settings.n_noise, seed=settings.seed, window=settings.window)
+                         n_noise=settings.n_noise, seed=settings.seed)
 
 
 def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: ProbeSettings,
@@ -364,10 +208,10 @@ def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: Probe
     if not signals & {"tracing", "circuit"}:
         return state
     from vrp_eval.intervention import estimate_sigma
-    from vrp_eval.tracing import knockout_windows
+    from vrp_eval.tracing import knockout_windows, window_width
 
     num_layers = loaded.adapter.num_layers
-    width = settings.window or math.ceil(num_layers / 4)
+    width = window_width(num_layers, settings.window)
     if "circuit" in signals and not 1 <= width < num_layers:  # a control window must fit beside the circuit
         raise OptionError(f"window (--window) = {width}: this model has {num_layers} decoder layers, so a knockout "
                           f"window must be 1..{num_layers - 1} wide (room for its control window)")
@@ -406,73 +250,6 @@ class ProbeReport:
     state: EngineState | None = None
 
 
-def _nanmean(values) -> float:
-    import numpy as np
-
-    values = np.asarray([v for v in values if v is not None], dtype=float)
-    return float(values.mean()) if values.size else float("nan")
-
-
-def aggregate(records: list[SampleRecord], settings: ProbeSettings,
-              state: EngineState | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Aggregate metrics (SPEC names) and the details needed for pictures."""
-    import numpy as np
-
-    from vrp_eval import statistics
-    from vrp_eval.calibration import calibration_summary
-
-    if not records:
-        raise DataError("no sample was evaluated: nothing to aggregate")
-    confidences = [r.confidence for r in records]
-    scores = [r.score for r in records]
-    calibration = calibration_summary(confidences, scores, n_bins=settings.n_bins,
-                                      n_bootstrap=settings.n_bootstrap, seed=settings.seed)
-    bins = calibration.pop("bins")
-    metrics: dict[str, Any] = {"accuracy": float(np.mean(scores)), "n_samples": len(records),
-                               "mean_confidence": float(np.mean(confidences)), **calibration}
-    metrics["n_samples"] = len(records)
-    details: dict[str, Any] = {"reliability_bins": bins}
-    if all(r.sharpness is not None for r in records):
-        metrics.update(statistics.attention_confidence_summary(
-            [r.sharpness for r in records], confidences, scores, n_bootstrap=settings.n_bootstrap,
-            seed=settings.seed))
-        metrics["mean_sharpness"] = _nanmean(r.sharpness for r in records)
-        metrics["mean_image_attention_mass"] = _nanmean(r.image_attention_mass for r in records)
-        per_layer = np.array([r.sharpness_per_layer for r in records], dtype=float)
-        details["sharpness_per_layer"] = per_layer.mean(0).tolist()
-    if all(r.ie is not None for r in records):
-        ie_mean = {g: np.array([r.ie[g] for r in records], dtype=float).mean(0).tolist() for g in records[0].ie}
-        details["ie_curves"] = ie_mean
-        details["p_clean"] = _nanmean(r.p_clean for r in records)
-        details["p_corrupted"] = _nanmean(r.p_corrupted for r in records)
-        if "last" in ie_mean and "image" in ie_mean:
-            from vrp_eval.tracing import integration_layer
-
-            metrics["integration_layer"] = integration_layer(ie_mean["last"], ie_mean["image"])
-    if state is not None and state.circuit is not None:
-        discovery = [r for r in records if r.knockout_scores is not None]
-        clean_disc = float(np.mean([r.score for r in discovery]))
-        knock = np.array([r.knockout_scores for r in discovery], dtype=float).mean(0)
-        details["knockout_curve"] = [
-            {"window": list(w), "accuracy": float(a), "drop": float(a / clean_disc - 1) if clean_disc else None}
-            for w, a in zip(state.windows, knock)]
-        metrics["circuit_layers"] = list(state.circuit)
-        metrics["control_layers"] = list(state.control)
-        heldout = [r for r in records if r.corrupted_score is not None]
-        if heldout:
-            clean = [r.score for r in heldout]
-            metrics.update(statistics.causal_drop_summary(clean, [r.corrupted_score for r in heldout],
-                                                          prefix="causal_acc_drop", n_bootstrap=settings.n_bootstrap,
-                                                          seed=settings.seed))
-            control = statistics.causal_drop_summary(clean, [r.control_score for r in heldout],
-                                                     prefix="control_acc_drop", n_bootstrap=settings.n_bootstrap,
-                                                     seed=settings.seed)
-            metrics.update({k: v for k, v in control.items() if k.startswith("control_acc_drop")})
-            metrics["n_heldout"] = len(heldout)
-            if all(r.sharpness_corrupted is not None for r in heldout):
-                metrics["sharpness_heldout_clean"] = _nanmean(r.sharpness for r in heldout)
-                metrics["sharpness_heldout_corrupted"] = _nanmean(r.sharpness_corrupted for r in heldout)
-    return metrics, details
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -532,6 +309,7 @@ def run_probe(
     progress: bool = True,
     reduce: Callable[[Any], Any] | None = None,
     calibration: list[Example] | None = None,
+    summarize: bool = True,
 ) -> ProbeReport:
     """Answer, score and probe every example.
 
@@ -542,7 +320,8 @@ def run_probe(
     at the end. `reduce` (all-gather for distributed runs) merges the discovery records of all
     processes before the circuit is chosen; `calibration` (default: the first `n_calibration`
     examples) fixes the samples the noise scale is estimated on, so that every process of a sharded
-    run uses the same one.
+    run uses the same one. `summarize=False` leaves the aggregate out (`metrics` holds only
+    `n_skipped`, `details` is empty): for a harness backend, whose tasks aggregate the records.
     """
     examples = examples if examples is not None else load_examples(settings.dataset, settings.split, settings.limit)
     check_examples(examples, settings, shard=reduce is not None)
@@ -593,7 +372,9 @@ def run_probe(
                           "sharpness_corrupted"))
 
     ordered = [records[e.question_id] for e in examples]
-    metrics, details = aggregate(reduce(ordered) if reduce is not None else ordered, settings, state)
+    metrics, details = {}, {}
+    if summarize:
+        metrics, details = aggregate(reduce(ordered) if reduce is not None else ordered, settings, state)
     if skipped:
         metrics["n_skipped"] = len(skipped)
     if folder is not None:

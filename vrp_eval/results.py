@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from vrp_eval import metric_table
+
 SCHEMA = "vrp-eval/results"
 SCHEMA_VERSION = 1
 
@@ -46,13 +48,12 @@ REQUIRED_CONFIG = ("model_name", "model_sha", "model_dtype", "vrp_eval_version",
 OPTIONAL_CONFIG = ("model_family", "model_num_parameters", "dataset_revision", "task", "probe",
                    "versions", "created_at")
 
-#: The SPEC vocabulary. Extend it, never rename a published name.
-METRICS = ("accuracy", "ece", "mce", "ace", "brier", "attn_conf_r", "attn_acc_r", "attn_overconf_r",
-           "causal_acc_drop", "control_acc_drop", "circuit_layers", "integration_layer", "n_samples")
+#: The SPEC vocabulary (the metric table's `spec` rows). Extend it, never rename a published name.
+METRICS = metric_table.spec_names()
 #: Suffixes a metric may carry: 95% CI bounds, p-value, Spearman rho.
-METRIC_SUFFIXES = ("_ci_low", "_ci_high", "_p", "_rho")
+METRIC_SUFFIXES = metric_table.COMPANION_SUFFIXES
 #: Metrics whose value is a layer range [first, last] (decoder layer indices, inclusive).
-LAYER_RANGE_METRICS = ("circuit_layers", "control_layers")
+LAYER_RANGE_METRICS = metric_table.layer_range_names()
 
 #: A results file is tens of kilobytes; one this large is not one (and would stall the Space).
 MAX_FILE_BYTES = 10 * 1024 * 1024

@@ -29,7 +29,7 @@ PACKAGE = Path(__file__).resolve().parent
 METRIC_NAMES = ("vrp_ece", "vrp_attention_confidence", "vrp_causal_drop", "vrp_vqa_accuracy")
 SPACE_NAMES = ("leaderboard", *METRIC_NAMES)
 #: The vrp_eval modules a Space imports; each imports only the stdlib, numpy, scipy or each other.
-LIGHT_MODULES = ("__init__.py", "results.py", "statistics.py", "calibration.py", "vqa.py")
+LIGHT_MODULES = ("__init__.py", "metric_table.py", "results.py", "statistics.py", "calibration.py", "vqa.py")
 #: Distributions each kind of Space imports (the metrics: `import evaluate, datasets`; the maths: numpy, scipy).
 REQUIREMENTS = {"leaderboard": ("huggingface_hub", "pandas"), "metric": ("evaluate", "datasets", "numpy", "scipy")}
 #: Files of a source folder that are not part of the Space.

@@ -45,6 +45,9 @@ __all__ = [
 # Keep the (n_resamples x n_samples) index matrix of one bootstrap chunk around 16 MB.
 _BOOTSTRAP_CHUNK_ELEMENTS = 2_000_000
 
+#: Bootstrap resamples of every confidence interval unless told otherwise (the probe option `n_bootstrap`).
+DEFAULT_N_BOOTSTRAP = 1000
+
 
 class UndefinedStatisticWarning(RuntimeWarning):
     """A statistic is undefined for the given data and is reported as NaN."""
@@ -222,7 +225,7 @@ def bootstrap_ci(
     statistic: Callable[[np.ndarray], np.ndarray],
     n_samples: int,
     *,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
     seed: int = 0,
     ci: float = 0.95,
     what: str = "bootstrap",
@@ -333,7 +336,7 @@ def causal_drop_summary(
     clean_scores: ArrayLike,
     corrupted_scores: ArrayLike,
     *,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
     seed: int = 0,
     ci: float = 0.95,
     prefix: str = "causal_acc_drop",

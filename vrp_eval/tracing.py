@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vrp_eval.adapters import GROUPS
 from vrp_eval.generation import AnswerOutput, generate_answers
-from vrp_eval.hooks import AttentionHook, attention_hooks
+from vrp_eval.hooks import AttentionHook, HookScope, attention_hooks, hidden_of
 from vrp_eval.intervention import (  # noqa: F401  (estimate_sigma is part of this module's API)
     AttentionKnockout,
     EmbeddingCorruption,
@@ -50,8 +51,8 @@ from vrp_eval.intervention import (  # noqa: F401  (estimate_sigma is part of th
     NoiseScale,
     check_kind,
     estimate_sigma,
-    model_inputs_on_device,
 )
+from vrp_eval.options import DEFAULTS
 
 TRACE_GROUPS = ("image", "text", "last")
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -63,17 +64,13 @@ class TraceSettings:
 
     layers: Sequence[int] | None = None
     groups: tuple[str, ...] = TRACE_GROUPS
-    kind: str = "gaussian"
-    scale: float = 3.0
-    n_noise: int = 5
-    seed: int = 0
-    window: int | None = None  # knockout window width; None: ceil(L / 4)
+    kind: str = DEFAULTS["noise"]
+    scale: float = DEFAULTS["noise_scale"]
+    n_noise: int = DEFAULTS["n_noise"]
+    seed: int = DEFAULTS["seed"]
     # Restored rows per replay batch. None: 16 on the CPU, where small batches stay in cache (64 rows
     # were 1.6x slower on the 24-layer benchmark model), 256 on an accelerator.
     max_rows: int | None = None
-
-    def window_width(self, num_layers: int) -> int:
-        return self.window or math.ceil(num_layers / 4)
 
     def noise_samples(self) -> int:
         """K: deterministic kinds (mean, zero) need one sample."""
@@ -132,10 +129,6 @@ class _ReplayCache:
         return torch.cat([prefix_k, key_states], dim=-2), torch.cat([prefix_v, value_states], dim=-2)
 
 
-def _hidden_of(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _repeat(x: torch.Tensor, dim: int, blocks: int) -> torch.Tensor:
     if blocks == 1:
         return x
@@ -164,7 +157,7 @@ class _Replay:
         self.layer_evaluations = 0.0  # per sample, in full-length layer evaluations
 
     def _batch_dim(self, x: torch.Tensor) -> int | None:
-        dim = 1 if x.ndim == 3 and x.shape[0] in (3, 4) and x.dtype == torch.long else 0
+        dim = self.adapter.batch_dim(x)
         return dim if x.shape[dim] == self.batch else None
 
     def _expand(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -196,20 +189,17 @@ class _Replay:
         if self.cache_key is not None:
             kwargs[self.cache_key] = _ReplayCache(prefix, record)
         self.layer_evaluations += blocks * (self.length - t0) / self.length
-        return _hidden_of(self.layers[layer](hidden, **kwargs))
+        return hidden_of(self.layers[layer](hidden, **kwargs))
+
+
+def _prob_dtype(loaded) -> torch.dtype:
+    """The dtype of the traced probabilities: bf16/fp16 models -> fp32; fp64 stays."""
+    return torch.promote_types(loaded.model.dtype, torch.float32)
 
 
 def _head_probs(loaded, hidden_last: torch.Tensor) -> torch.Tensor:
     """Next-token probabilities (N, V) from final-layer states (N, D) at the last position."""
-    from vrp_eval.attention import _final_norm
-
-    adapter = loaded.adapter
-    logits = loaded.model.get_output_embeddings()(_final_norm(adapter)(hidden_last))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
-    softcap = getattr(adapter.text_config, "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.softmax(-1)
+    return loaded.adapter.head_logits(hidden_last, _prob_dtype(loaded)).softmax(-1)
 
 
 def _first_position(mask: torch.Tensor) -> int | None:
@@ -235,18 +225,15 @@ def _clean_capture(loaded, inputs: dict[str, Any]):
 
     def out_hook(index):
         def hook(module, args, output):
-            outputs[index] = _hidden_of(output)
+            outputs[index] = hidden_of(output)
         return hook
 
-    handles = [adapter.language_model.register_forward_pre_hook(lm_hook, with_kwargs=True)]
-    try:
+    with HookScope() as scope:
+        scope.on_input(adapter.language_model, lm_hook)
         for i, layer in enumerate(adapter.decoder_layers):
-            handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-            handles.append(layer.register_forward_hook(out_hook(i)))
+            scope.on_input(layer, pre_hook(i))
+            scope.on_output(layer, out_hook(i))
         loaded.model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
     if "call" not in lm_call or any(c is None for c in calls):
         raise RuntimeError("the clean forward pass did not run every decoder layer of "
                            f"{type(adapter.language_model).__name__}: cannot trace this model")
@@ -260,19 +247,17 @@ def _corrupted_layer0_input(adapter, lm_call, corruption: EmbeddingCorruption) -
     def stop(module, args, kwargs):
         raise _Stop(args[0] if args else kwargs["hidden_states"])
 
-    handle = adapter.decoder_layers[0].register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        with corruption:
+        with HookScope() as scope, corruption:
+            scope.on_input(adapter.decoder_layers[0], stop)
             adapter.language_model(*lm_call[0], **lm_call[1])
     except _Stop as stopped:
         return stopped.hidden
-    finally:
-        handle.remove()
     raise RuntimeError("the language model never reached its first decoder layer")
 
 
 def _check_groups(groups: Sequence[str]) -> None:
-    bad = [g for g in groups if g not in TRACE_GROUPS + ("all",)]
+    bad = [g for g in groups if g not in GROUPS]
     if bad:
         raise ValueError(f"unknown position groups {bad}; choose from image, text, last, all")
 
@@ -296,13 +281,10 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
     n_rows = batch["input_ids"].shape[0]
     if len(target_ids) != n_rows:
         raise ValueError(f"{len(target_ids)} target ids for a batch of {n_rows} samples")
-    traced = sorted({int(l) for l in (settings.layers if settings.layers is not None else range(num_layers))})
-    bad = [l for l in traced if not 0 <= l < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: this model has decoder layers 0..{num_layers - 1}")
+    traced = adapter.check_layers(settings.layers)
 
     device = loaded.device
-    inputs = model_inputs_on_device(loaded, batch)
+    inputs = loaded.model_inputs(batch)
     masks = {g: m.to(device) for g, m in adapter.position_groups(batch["input_ids"], batch["attention_mask"]).items()}
     length = masks["all"].shape[1]
     rows = torch.arange(n_rows, device=device)
@@ -329,7 +311,7 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
     max_rows = settings.max_rows or (16 if device.type == "cpu" else 256)
     embed_sigma = sigma.embedding["image"] if sigma is not None else None
     n_noise = settings.noise_samples()
-    prob_dtype = torch.promote_types(loaded.model.dtype, torch.float32)  # as `_head_probs` returns them
+    prob_dtype = _prob_dtype(loaded)
     p_corrupted = torch.zeros(n_noise, n_rows, device=device, dtype=prob_dtype)
     p_restored = {g: torch.full((n_noise, num_layers, n_rows), float("nan"), device=device, dtype=prob_dtype)
                   for g in settings.groups}
@@ -401,6 +383,12 @@ def _restore_staircase(loaded, replay: _Replay, *, group_mask, traced, t0, clean
 # --------------------------------------------------------------------------------------------------
 # Knockout circuit, circuit-corrupted runs, integration layer
 # --------------------------------------------------------------------------------------------------
+def window_width(num_layers: int, window: int | None = None) -> int:
+    """The knockout window width: `window` (the probe option), by default a quarter of the decoder
+    layers, rounded up."""
+    return window or math.ceil(num_layers / 4)
+
+
 def knockout_windows(num_layers: int, width: int) -> list[tuple[int, int]]:
     """Every window of `width` consecutive decoder layers, as (first, last) inclusive."""
     if not 1 <= width <= num_layers:
@@ -443,7 +431,7 @@ def knockout_hook(adapter, batch, window: Sequence[int]) -> AttentionKnockout:
 
 
 @torch.no_grad()
-def knockout_answers(loaded, batch, window: Sequence[int], max_new_tokens: int = 8,
+def knockout_answers(loaded, batch, window: Sequence[int], max_new_tokens: int = DEFAULTS["max_new_tokens"],
                      extra_hooks: Iterable[AttentionHook] = (),
                      choices: Sequence[Sequence[str]] | None = None) -> list[AnswerOutput]:
     """Greedy answers (with `choices`: the options scored by likelihood) with non-image -> image
@@ -453,9 +441,11 @@ def knockout_answers(loaded, batch, window: Sequence[int], max_new_tokens: int =
 
 
 @torch.no_grad()
-def corrupted_answers(loaded, batch, window: Sequence[int], kind: str = "gaussian", scale: float = 3.0,
-                      sigma: NoiseScale | None = None, seed: int = 0, extra_hooks: Iterable[AttentionHook] = (),
-                      max_new_tokens: int = 8, choices: Sequence[Sequence[str]] | None = None) -> list[AnswerOutput]:
+def corrupted_answers(loaded, batch, window: Sequence[int], kind: str = DEFAULTS["noise"],
+                      scale: float = DEFAULTS["noise_scale"], sigma: NoiseScale | None = None,
+                      seed: int = DEFAULTS["seed"], extra_hooks: Iterable[AttentionHook] = (),
+                      max_new_tokens: int = DEFAULTS["max_new_tokens"], choices: Sequence[Sequence[str]] | None = None
+                      ) -> list[AnswerOutput]:
     """Greedy answers (with `choices`: the options scored by likelihood) with the image-position
     hidden states that the window's layers read corrupted (the inputs of layers first..last;
     gaussian std = scale * sigma.inputs["image"][layer]). `extra_hooks` (attention observers such as

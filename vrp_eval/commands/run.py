@@ -149,10 +149,10 @@ def prepare_output(folder: Path, overwrite: bool, *, resumable: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from vrp_eval import __version__
     from vrp_eval.data import load_examples
     from vrp_eval.loading import check_device, load_model
     from vrp_eval.probe import ProbeSettings, check_examples, run_probe
+    from vrp_eval.records import model_block
     from vrp_eval.results import build_results, write_results
 
     if args.from_lmms:
@@ -177,9 +177,7 @@ def main(args: argparse.Namespace) -> int:
         raise
     task = args.task_name or _task_name(settings.dataset)
     config = {
-        "model_name": loaded.model_name, "model_sha": loaded.model_sha, "model_dtype": loaded.dtype,
-        "model_family": loaded.family, "model_num_parameters": loaded.num_parameters(),
-        "vrp_eval_version": __version__, "dataset": settings.dataset, "split": settings.split, "task": task,
+        **model_block(loaded), "dataset": settings.dataset, "split": settings.split, "task": task,
         "probe": settings.to_dict(), "versions": _versions(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -3,7 +3,7 @@
 Prompts, visuals and answer scoring are the upstream lmms-eval tasks' own (imported, not copied);
 `vrp_eval.lmms.process_results` hands them the plain answer (the part of a `--model vrp` response
 before its record) and adds one value per reliability metric; the aggregations below all read one
-`probe.aggregate` over the task's samples (see vrp_eval/lmms.py).
+`aggregation.aggregate` over the task's samples (see vrp_eval/lmms.py).
 """
 from functools import partial
 
@@ -68,44 +68,6 @@ synth_mc_process_results = _for("vrp_synth_mc", _option_accuracy, "exact_match")
 pope_process_results = _for("vrp_pope", _pope_accuracy, "score", extra_metrics=POPE_METRICS)
 
 
-# One aggregation per reliability metric (names as in lmms.RELIABILITY_METRICS).
-n_samples = lmms.reliability_aggregation("n_samples")
-n_probed = lmms.reliability_aggregation("n_probed")
-mean_confidence = lmms.reliability_aggregation("mean_confidence")
-ece = lmms.reliability_aggregation("ece")
-ece_ci_low = lmms.reliability_aggregation("ece_ci_low")
-ece_ci_high = lmms.reliability_aggregation("ece_ci_high")
-mce = lmms.reliability_aggregation("mce")
-ace = lmms.reliability_aggregation("ace")
-brier = lmms.reliability_aggregation("brier")
-attn_conf_r = lmms.reliability_aggregation("attn_conf_r")
-attn_conf_r_ci_low = lmms.reliability_aggregation("attn_conf_r_ci_low")
-attn_conf_r_ci_high = lmms.reliability_aggregation("attn_conf_r_ci_high")
-attn_conf_r_p = lmms.reliability_aggregation("attn_conf_r_p")
-attn_conf_r_rho = lmms.reliability_aggregation("attn_conf_r_rho")
-attn_acc_r = lmms.reliability_aggregation("attn_acc_r")
-attn_acc_r_ci_low = lmms.reliability_aggregation("attn_acc_r_ci_low")
-attn_acc_r_ci_high = lmms.reliability_aggregation("attn_acc_r_ci_high")
-attn_acc_r_p = lmms.reliability_aggregation("attn_acc_r_p")
-attn_acc_r_rho = lmms.reliability_aggregation("attn_acc_r_rho")
-attn_overconf_r = lmms.reliability_aggregation("attn_overconf_r")
-attn_overconf_r_ci_low = lmms.reliability_aggregation("attn_overconf_r_ci_low")
-attn_overconf_r_ci_high = lmms.reliability_aggregation("attn_overconf_r_ci_high")
-attn_overconf_r_p = lmms.reliability_aggregation("attn_overconf_r_p")
-attn_overconf_r_rho = lmms.reliability_aggregation("attn_overconf_r_rho")
-mean_sharpness = lmms.reliability_aggregation("mean_sharpness")
-mean_image_attention_mass = lmms.reliability_aggregation("mean_image_attention_mass")
-causal_acc_drop = lmms.reliability_aggregation("causal_acc_drop")
-causal_acc_drop_ci_low = lmms.reliability_aggregation("causal_acc_drop_ci_low")
-causal_acc_drop_ci_high = lmms.reliability_aggregation("causal_acc_drop_ci_high")
-control_acc_drop = lmms.reliability_aggregation("control_acc_drop")
-control_acc_drop_ci_low = lmms.reliability_aggregation("control_acc_drop_ci_low")
-control_acc_drop_ci_high = lmms.reliability_aggregation("control_acc_drop_ci_high")
-clean_accuracy = lmms.reliability_aggregation("clean_accuracy")
-corrupted_accuracy = lmms.reliability_aggregation("corrupted_accuracy")
-n_heldout = lmms.reliability_aggregation("n_heldout")
-sharpness_heldout_clean = lmms.reliability_aggregation("sharpness_heldout_clean")
-sharpness_heldout_corrupted = lmms.reliability_aggregation("sharpness_heldout_corrupted")
-circuit_layers = lmms.reliability_aggregation("circuit_layers")
-control_layers = lmms.reliability_aggregation("control_layers")
-integration_layer = lmms.reliability_aggregation("integration_layer")
+# One aggregation per reliability metric, named as the metric (lmms.RELIABILITY_METRICS, from the metric
+# table): what the YAMLs' `aggregation: !function utils.<name>` finds.
+globals().update({name: lmms.reliability_aggregation(name) for name in lmms.RELIABILITY_METRICS})

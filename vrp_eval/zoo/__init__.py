@@ -1,6 +1,8 @@
-"""The tiny model zoo: small VLMs in real transformers classes, shipped as `save_pretrained` folders.
+"""The tiny model zoo: small models in real transformers classes, shipped as `save_pretrained` folders.
 
-Zoo names are accepted wherever a model id is (`vrp-eval run --model tiny-qwen2vl`).
+Zoo names are accepted wherever a model id is (`vrp-eval run --model tiny-qwen2vl`,
+`load_model("tiny-text-llama")`). The VLMs are rebuilt with `vrp-eval train-tiny --family F`, the
+text-only model with `python -m vrp_eval.zoo.build_text`.
 """
 from __future__ import annotations
 
@@ -8,11 +10,15 @@ from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
 
-#: zoo name -> family (see `vrp_eval.zoo.build.FAMILIES`)
+#: The family of the zoo's text-only causal LMs (the others are VLM families, `vrp_eval.zoo.build.FAMILIES`).
+TEXT_FAMILY = "text"
+
+#: zoo name -> family
 ZOO: dict[str, str] = {
     "tiny-llava": "llava",
     "tiny-paligemma": "paligemma",
     "tiny-qwen2vl": "qwen2vl",
+    "tiny-text-llama": TEXT_FAMILY,
 }
 
 DEFAULT_MODEL = "tiny-llava"
@@ -27,3 +33,16 @@ def zoo_path(name: str) -> Path:
 
 def is_zoo_name(name: str) -> bool:
     return name in ZOO
+
+
+def is_text_model(name: str) -> bool:
+    """Whether `name` is one of the zoo's text-only causal LMs."""
+    return ZOO.get(name) == TEXT_FAMILY
+
+
+def rebuild_command(name: str) -> str:
+    """The command that rebuilds zoo model `name`."""
+    zoo_path(name)  # a zoo name
+    if is_text_model(name):
+        return "python -m vrp_eval.zoo.build_text"
+    return f"vrp-eval train-tiny --family {ZOO[name]}"

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from vrp_eval import synth
 from vrp_eval.adapters import DEFAULT_POST_PROMPT, adapter_for
 from vrp_eval.zoo import ZOO
-from vrp_eval.zoo.build import TinySpec, build_tiny
+from vrp_eval.zoo.build import FAMILIES, TinySpec, build_tiny
 
-FAMILY_TO_NAME = {family: name for name, family in ZOO.items()}
+FAMILY_TO_NAME = {family: name for name, family in ZOO.items() if family in FAMILIES}  # the VLM families
 
 
 def prompt_for(adapter, question: str, rng: random.Random) -> str:

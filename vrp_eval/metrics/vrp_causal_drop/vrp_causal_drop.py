@@ -5,7 +5,8 @@ bootstrap CI. A thin wrapper: the maths lives in `vrp_eval.statistics`."""
 import datasets
 import evaluate
 
-from vrp_eval.statistics import causal_drop_summary
+from vrp_eval.metric_table import evaluate_arguments
+from vrp_eval.statistics import DEFAULT_N_BOOTSTRAP, causal_drop_summary
 
 _CITATION = """\
 @inproceedings{meng2022locating,
@@ -56,11 +57,9 @@ Examples:
 """
 
 # evaluate.combine passes every keyword to every module; accept the inputs and options of the
-# sibling vrp_* modules silently, and reject anything else (a misspelt option must not pass).
-_SIBLING_NAMES = frozenset(
-    {"sharpness", "confidences", "scores", "clean_scores", "corrupted_scores", "predictions", "references"}
-    | {"n_bins", "n_bootstrap", "seed", "ci"}
-)
+# sibling vrp_* modules (listed once, in vrp_eval.metric_table.EVALUATE_MODULES) silently, and reject
+# anything else (a misspelt option must not pass).
+_SIBLING_NAMES = evaluate_arguments()
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -75,7 +74,7 @@ class VrpCausalDrop(evaluate.Metric):
             ),
         )
 
-    def _compute(self, clean_scores, corrupted_scores, n_bootstrap=1000, seed=0, ci=0.95, **other):
+    def _compute(self, clean_scores, corrupted_scores, n_bootstrap=DEFAULT_N_BOOTSTRAP, seed=0, ci=0.95, **other):
         unknown = sorted(set(other) - _SIBLING_NAMES)
         if unknown:
             raise TypeError(f"vrp_causal_drop got unknown argument(s) {unknown}; options are n_bootstrap, seed, ci.")

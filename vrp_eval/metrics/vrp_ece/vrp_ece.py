@@ -5,7 +5,12 @@ the per-bin reliability table. A thin wrapper: the maths lives in `vrp_eval.cali
 import datasets
 import evaluate
 
-from vrp_eval.calibration import calibration_summary
+from vrp_eval.calibration import (
+    DEFAULT_N_BINS,
+    DEFAULT_N_BOOTSTRAP,
+    calibration_summary,
+)
+from vrp_eval.metric_table import evaluate_arguments
 
 _CITATION = """\
 @inproceedings{guo2017calibration,
@@ -68,11 +73,9 @@ Examples:
 """
 
 # evaluate.combine passes every keyword to every module; accept the inputs and options of the
-# sibling vrp_* modules silently, and reject anything else (a misspelt option must not pass).
-_SIBLING_NAMES = frozenset(
-    {"sharpness", "confidences", "scores", "clean_scores", "corrupted_scores", "predictions", "references"}
-    | {"n_bins", "n_bootstrap", "seed", "ci"}
-)
+# sibling vrp_* modules (listed once, in vrp_eval.metric_table.EVALUATE_MODULES) silently, and reject
+# anything else (a misspelt option must not pass).
+_SIBLING_NAMES = evaluate_arguments()
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -88,7 +91,8 @@ class VrpEce(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/1706.04599", "https://arxiv.org/abs/1904.01685"],
         )
 
-    def _compute(self, confidences, scores, n_bins=15, n_bootstrap=1000, seed=0, ci=0.95, **other):
+    def _compute(self, confidences, scores, n_bins=DEFAULT_N_BINS, n_bootstrap=DEFAULT_N_BOOTSTRAP, seed=0, ci=0.95,
+                 **other):
         unknown = sorted(set(other) - _SIBLING_NAMES)
         if unknown:
             raise TypeError(f"vrp_ece got unknown argument(s) {unknown}; options are n_bins, n_bootstrap, seed, ci.")

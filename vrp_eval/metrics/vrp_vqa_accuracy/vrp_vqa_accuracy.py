@@ -5,6 +5,7 @@ wrapper: the maths lives in `vrp_eval.vqa`."""
 import datasets
 import evaluate
 
+from vrp_eval.metric_table import evaluate_arguments
 from vrp_eval.vqa import vqa_accuracy
 
 _CITATION = """\
@@ -51,11 +52,9 @@ Examples:
 
 
 # evaluate.combine passes every keyword to every module; accept the inputs and options of the
-# sibling vrp_* modules silently, and reject anything else (a misspelt option must not pass).
-_SIBLING_NAMES = frozenset(
-    {"sharpness", "confidences", "scores", "clean_scores", "corrupted_scores", "predictions", "references"}
-    | {"n_bins", "n_bootstrap", "seed", "ci"}
-)
+# sibling vrp_* modules (listed once, in vrp_eval.metric_table.EVALUATE_MODULES) silently, and reject
+# anything else (a misspelt option must not pass).
+_SIBLING_NAMES = evaluate_arguments()
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

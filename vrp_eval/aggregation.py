@@ -1,0 +1,77 @@
+"""The aggregate of a run's records: the SPEC metrics (calibration, attention-confidence
+correlations, causal accuracy drop, circuit) and the details the pictures need."""
+from __future__ import annotations
+
+from typing import Any
+
+from vrp_eval.data import DataError
+from vrp_eval.records import EngineState, ProbeSettings, SampleRecord
+
+
+def _nanmean(values) -> float:
+    import numpy as np
+
+    values = np.asarray([v for v in values if v is not None], dtype=float)
+    return float(values.mean()) if values.size else float("nan")
+
+
+def aggregate(records: list[SampleRecord], settings: ProbeSettings,
+              state: EngineState | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Aggregate metrics (SPEC names) and the details needed for pictures."""
+    import numpy as np
+
+    from vrp_eval import statistics
+    from vrp_eval.calibration import calibration_summary
+
+    if not records:
+        raise DataError("no sample was evaluated: nothing to aggregate")
+    confidences = [r.confidence for r in records]
+    scores = [r.score for r in records]
+    calibration = calibration_summary(confidences, scores, n_bins=settings.n_bins,
+                                      n_bootstrap=settings.n_bootstrap, seed=settings.seed)
+    bins = calibration.pop("bins")
+    metrics: dict[str, Any] = {"accuracy": float(np.mean(scores)), "n_samples": len(records),
+                               "mean_confidence": float(np.mean(confidences)), **calibration}
+    metrics["n_samples"] = len(records)
+    details: dict[str, Any] = {"reliability_bins": bins}
+    if all(r.sharpness is not None for r in records):
+        metrics.update(statistics.attention_confidence_summary(
+            [r.sharpness for r in records], confidences, scores, n_bootstrap=settings.n_bootstrap,
+            seed=settings.seed))
+        metrics["mean_sharpness"] = _nanmean(r.sharpness for r in records)
+        metrics["mean_image_attention_mass"] = _nanmean(r.image_attention_mass for r in records)
+        per_layer = np.array([r.sharpness_per_layer for r in records], dtype=float)
+        details["sharpness_per_layer"] = per_layer.mean(0).tolist()
+    if all(r.ie is not None for r in records):
+        ie_mean = {g: np.array([r.ie[g] for r in records], dtype=float).mean(0).tolist() for g in records[0].ie}
+        details["ie_curves"] = ie_mean
+        details["p_clean"] = _nanmean(r.p_clean for r in records)
+        details["p_corrupted"] = _nanmean(r.p_corrupted for r in records)
+        if "last" in ie_mean and "image" in ie_mean:
+            from vrp_eval.tracing import integration_layer
+
+            metrics["integration_layer"] = integration_layer(ie_mean["last"], ie_mean["image"])
+    if state is not None and state.circuit is not None:
+        discovery = [r for r in records if r.knockout_scores is not None]
+        clean_disc = float(np.mean([r.score for r in discovery]))
+        knock = np.array([r.knockout_scores for r in discovery], dtype=float).mean(0)
+        details["knockout_curve"] = [
+            {"window": list(w), "accuracy": float(a), "drop": float(a / clean_disc - 1) if clean_disc else None}
+            for w, a in zip(state.windows, knock)]
+        metrics["circuit_layers"] = list(state.circuit)
+        metrics["control_layers"] = list(state.control)
+        heldout = [r for r in records if r.corrupted_score is not None]
+        if heldout:
+            clean = [r.score for r in heldout]
+            metrics.update(statistics.causal_drop_summary(clean, [r.corrupted_score for r in heldout],
+                                                          prefix="causal_acc_drop", n_bootstrap=settings.n_bootstrap,
+                                                          seed=settings.seed))
+            control = statistics.causal_drop_summary(clean, [r.control_score for r in heldout],
+                                                     prefix="control_acc_drop", n_bootstrap=settings.n_bootstrap,
+                                                     seed=settings.seed)
+            metrics.update({k: v for k, v in control.items() if k.startswith("control_acc_drop")})
+            metrics["n_heldout"] = len(heldout)
+            if all(r.sharpness_corrupted is not None for r in heldout):
+                metrics["sharpness_heldout_clean"] = _nanmean(r.sharpness for r in heldout)
+                metrics["sharpness_heldout_corrupted"] = _nanmean(r.sharpness_corrupted for r in heldout)
+    return metrics, details
