@@ -170,8 +170,6 @@ def _check_against_full_forward(loaded, batch, answers, make_intervention, atten
         pytest.skip("the model stopped after one token")
     extended, masks = _extended(loaded, batch, answers, steps - 1)
     prompt = batch["input_ids"].shape[1]
-    if loaded.adapter.family == "qwen2vl":
-        pytest.skip("Qwen2-VL's rope positions of appended tokens differ between generate and a forward")
     scope = make_intervention(masks)
     inputs = loaded.adapter.model_inputs(extended)
     with torch.no_grad():

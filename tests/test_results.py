@@ -87,6 +87,8 @@ BIN = {"lo": 0.0, "hi": 0.5, "count": 2, "mean_confidence": 0.3, "mean_score": 0
     (lambda o: o["results"]["t"].update(circuit_layers=[5, 3]), "`results.t.circuit_layers`"),
     (lambda o: o["details"]["t"].update(reliability_bins=[{"lo": 0}]), "`details.t.reliability_bins[0]`"),
     (lambda o: o["details"]["t"].update(ie_curves={"image": ["x"]}), "`details.t.ie_curves.image`"),
+    (lambda o: o["details"]["t"].update(nie_curves={"image": ["x"]}), "`details.t.nie_curves.image`"),
+    (lambda o: o["details"]["t"].update(nie_curves=[0.5]), "`details.t.nie_curves`"),
     # what the leaderboard Space and the model card read, and would choke on
     (lambda o: o["config"].update(model_num_parameters=float("inf")), "`config.model_num_parameters`"),
     (lambda o: o["config"].update(model_num_parameters=float("nan")), "`config.model_num_parameters`"),

@@ -282,3 +282,44 @@ def test_integration_layer():
     assert integration_layer([0, 0.1, 0.5, 0.9], [0.9, 0.8, 0.4, 0.0]) == 2
     assert integration_layer([0, 0], [1, 1]) is None
     assert integration_layer([float("nan"), 0.6], [0.9, 0.5]) == 1
+
+
+def test_normalised_ie_divides_by_what_the_corruption_took():
+    from vrp_eval.tracing import NIE_MIN_GAP, normalised_ie
+
+    nie = normalised_ie({"image": [0.2, float("nan"), 0.5], "last": [0.0, 0.1, -0.05]}, p_clean=0.9, p_corrupted=0.4)
+    # exact: one float division each (0.2 / 0.5 etc. are the doubles below)
+    assert nie == {"image": [0.2 / 0.5, None, 1.0], "last": [0.0, 0.1 / 0.5, -0.05 / 0.5]}
+    assert normalised_ie({"image": [0.01]}, 0.5, 0.5 - NIE_MIN_GAP / 2) is None  # too small a gap to divide by
+    assert normalised_ie({"image": [0.01]}, 0.3, 0.6) is None  # the corruption raised the probability
+    assert normalised_ie({"image": [0.01]}, float("nan"), 0.1) is None
+
+
+def test_run_records_and_aggregate_the_normalised_ie():
+    from vrp_eval.loading import load_model
+    from vrp_eval.probe import ProbeSettings, run_probe
+    from vrp_eval.tracing import NIE_MIN_GAP
+    from vrp_eval.zoo import zoo_path
+
+    if not (zoo_path("tiny-llava") / "config.json").exists():
+        pytest.skip("the zoo weights of tiny-llava are not built in this checkout")
+    loaded = load_model("tiny-llava", device="cpu")
+    report = run_probe(loaded, ProbeSettings(limit=24, signals=("tracing",), n_noise=2, n_calibration=8,
+                                             n_bootstrap=10), progress=False)
+    with_nie = []
+    for record in report.records:
+        gap = record.p_clean - record.p_corrupted
+        if gap < NIE_MIN_GAP:
+            assert record.nie is None
+            continue
+        with_nie.append(record)
+        for group, values in record.ie.items():
+            # exact: the record's NIE is this very division of the record's own floats
+            assert record.nie[group] == [None if math.isnan(v) else v / gap for v in values]
+    assert 0 < len(with_nie) == report.details["n_nie"]  # the trained model's corruption takes something
+    for group, curve in report.details["nie_curves"].items():
+        expected = np.mean([r.nie[group] for r in with_nie], axis=0)
+        # float64 means of the same values in another order: ~1e-16 relative, and |NIE| < 100 here
+        assert curve == pytest.approx(expected.tolist(), abs=1e-12)
+    # restoring every image position at the first layer gives back most of what the corruption took
+    assert report.details["nie_curves"]["image"][0] > 0.5

@@ -15,6 +15,16 @@ def _nanmean(values) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
+def _nanmean_columns(rows) -> list[float | None]:
+    """The per-layer mean of several per-layer lists, None where every value is None."""
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+    counts = np.isfinite(values).sum(0)
+    sums = np.nansum(values, 0)
+    return [float(s / c) if c else None for s, c in zip(sums, counts)]
+
+
 def aggregate(records: list[SampleRecord], settings: ProbeSettings,
               state: EngineState | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Aggregate metrics (SPEC names) and the details needed for pictures."""
@@ -45,6 +55,10 @@ def aggregate(records: list[SampleRecord], settings: ProbeSettings,
     if all(r.ie is not None for r in records):
         ie_mean = {g: np.array([r.ie[g] for r in records], dtype=float).mean(0).tolist() for g in records[0].ie}
         details["ie_curves"] = ie_mean
+        normalised = [r.nie for r in records if r.nie is not None]
+        details["n_nie"] = len(normalised)
+        if normalised:  # the mean NIE per layer over the samples whose corruption took enough to divide by
+            details["nie_curves"] = {g: _nanmean_columns([n[g] for n in normalised]) for g in normalised[0]}
         details["p_clean"] = _nanmean(r.p_clean for r in records)
         details["p_corrupted"] = _nanmean(r.p_corrupted for r in records)
         if "last" in ie_mean and "image" in ie_mean:

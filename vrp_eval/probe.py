@@ -118,11 +118,12 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
                                                            seed=settings.seed)):
             record.self_consistency = value
     if "tracing" in signals:
-        from vrp_eval.tracing import trace_batch
+        from vrp_eval.tracing import normalised_ie, trace_batch
 
         for record, trace in zip(records, trace_batch(loaded, batch, target_ids, _trace_settings(settings),
                                                       state.sigma)):
             record.p_clean, record.p_corrupted, record.ie = trace.p_clean, trace.p_corrupted, trace.ie
+            record.nie = normalised_ie(trace.ie, trace.p_clean, trace.p_corrupted)
     if "circuit" in signals:
         from vrp_eval.tracing import knockout_answers
 

@@ -84,6 +84,7 @@ class SampleRecord:
     p_clean: float | None = None
     p_corrupted: float | None = None
     ie: dict[str, list[float]] | None = None
+    nie: dict[str, list[float | None]] | None = None  # IE / (p_clean - p_corrupted); None: no meaningful gap
     # circuit (discovery half: knockout; held-out half: corrupted and control runs)
     knockout_scores: list[float] | None = None
     corrupted_answer: str | None = None

@@ -381,15 +381,17 @@ def _check_details(field: str, entry: Mapping) -> None:
             for k in ("mean_confidence", "mean_score"):
                 if b[k] is not None and not _is_number(b[k]):
                     raise _fail(f"{field}.reliability_bins[{i}].{k}", f"is {_short(b[k])}", "give a number or null")
-    curves = entry.get("ie_curves")
-    if curves is not None:
+    for name, what in (("ie_curves", "IE"), ("nie_curves", "NIE")):
+        curves = entry.get(name)
+        if curves is None:
+            continue
         if not isinstance(curves, Mapping):
-            raise _fail(f"{field}.ie_curves", "is not an object", "give {group: [IE per layer]} (image, text, last)")
-        _check_keys(f"{field}.ie_curves", curves, "position group")
+            raise _fail(f"{field}.{name}", "is not an object", f"give {{group: [{what} per layer]}} (image, text, last)")
+        _check_keys(f"{field}.{name}", curves, "position group")
         for group, curve in curves.items():
             if not isinstance(curve, (list, tuple)) or not all(v is None or _is_number(v) for v in curve):
-                raise _fail(f"{field}.ie_curves.{group}", "is not a list of numbers",
-                            "give one IE value per layer (null where it could not be computed)")
+                raise _fail(f"{field}.{name}.{group}", "is not a list of numbers",
+                            f"give one {what} value per layer (null where it could not be computed)")
     knockout = entry.get("knockout_curve")
     if knockout is not None:
         if not isinstance(knockout, (list, tuple)):

@@ -493,6 +493,24 @@ def control_window(circuit: Sequence[int], num_layers: int) -> tuple[int, int]:
     raise ValueError(f"the circuit {circuit} covers all {num_layers} decoder layers: no control window fits")
 
 
+#: The smallest drop p_clean - p_corrupted for which a sample's NIE is reported: below it the ratio
+#: divides by little more than noise (a 0.05 gap magnifies the IE 20x).
+NIE_MIN_GAP = 0.05
+
+
+def normalised_ie(ie: dict[str, Sequence[float]], p_clean: float, p_corrupted: float,
+                  min_gap: float = NIE_MIN_GAP) -> dict[str, list[float | None]] | None:
+    """NIE[g][l] = IE[g][l] / (p_clean - p_corrupted) (SPEC 2): the share of what the corruption took
+    from the answer's probability that restoring group g at layer l gives back (1: all of it).
+    None when the corruption took less than `min_gap`, where the ratio is not meaningful; None
+    per layer where the IE is (an untraced layer)."""
+    gap = p_clean - p_corrupted
+    if not gap >= min_gap:  # also NaN
+        return None
+    return {group: [None if value is None or math.isnan(value) else float(value) / gap for value in values]
+            for group, values in ie.items()}
+
+
 def integration_layer(mean_ie_last: Sequence[float], mean_ie_image: Sequence[float]) -> int | None:
     """The first decoder layer where the mean IE at the last position exceeds the mean IE at the image
     positions (layers with NaN are skipped); None when it never does."""
