@@ -182,8 +182,8 @@ def _check_against_full_forward(loaded, batch, answers, make_intervention, atten
     probs = out.softmax(-1)
     # float32 round-off: generate's cached one-token steps against one uncached forward, through 4
     # layers and the x30 head; probabilities in [0, 1] moved by <= 1.4e-6 (measured, all families).
-    # Not float64: the dispatcher's eager path softmaxes in float32 and gives NaN under left padding
-    # in a float64 model.
+    # float32 on purpose: the path users run (float64 under left padding is held finite by
+    # test_modifying_hooks_in_float64_stay_finite_under_left_padding).
     for row, answer in enumerate(answers):
         for step in range(steps):
             token = answer.token_ids[step]
@@ -214,8 +214,7 @@ def assert_eager_matches_sdpa(eager, sdpa):
     """float32 round-off only: SDPA and the eager path reduce in other orders (a few ulp on each
     attention output), which the later layers and the x30 head carry to the logits. Measured <= 2.6 eps
     * max|logit| (6.7e-6) over the three families; 32 eps * max|logit| (8e-5 at |logit| <= 22) leaves
-    12x, and a wrong mask or scaling moves logits by O(1). Not float64: the eager path softmaxes in
-    float32 and gives NaN under left padding in a float64 model."""
+    12x, and a wrong mask or scaling moves logits by O(1). In float32, the dtype users run."""
     atol = 32 * torch.finfo(torch.float32).eps * float(sdpa.abs().max())
     assert torch.allclose(eager, sdpa, rtol=0, atol=atol)
 
@@ -339,3 +338,23 @@ def test_every_hook_is_removed_when_the_block_raises(loaded, batch, groups):
         raise RuntimeError("inside")
     assert adapter.language_model.config._attn_implementation == implementation
     assert torch.equal(logits(loaded, batch), logits(loaded, batch))
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma", "qwen2vl"])
+def test_modifying_hooks_in_float64_stay_finite_under_left_padding(family):
+    """The dispatcher's own attention path (used when a hook modifies attention) softmaxes in the
+    scores' dtype when that is float64: in float32 a float64 mask's minimum becomes -inf, a padding
+    query with every key masked gives NaN, and the NaN reaches real positions through the values."""
+    from tracing_models import encode, tiny_loaded
+
+    answers = {}
+    for dtype in (torch.float32, torch.float64):
+        loaded = tiny_loaded(family, dtype=dtype)
+        batch = encode(loaded)
+        assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].sum(1).max()  # left padding
+        answers[dtype] = knockout_answers(loaded, batch, (0, loaded.adapter.num_layers - 1), max_new_tokens=1)
+    for a32, a64 in zip(answers[torch.float32], answers[torch.float64]):
+        assert a32.first_token_id == a64.first_token_id
+        # float32 against float64 through 4 layers and the x30 head: probabilities move by float32
+        # round-off, ~1e-6 (the engine's other float32-vs-exact bound, FLOAT32_PROB_ATOL, is 1e-5)
+        assert a64.first_token_prob == pytest.approx(a32.first_token_prob, abs=1e-5)

@@ -78,7 +78,7 @@ def test_option_likelihoods_equal_a_plain_forward_per_option(loaded64):
 def test_hooks_apply_to_option_scoring(family):
     """Knockouts and corruptions act on option scoring as on answering: a zero-scale corruption
     changes nothing, replacing the image states by zeros and blocking image attention change the
-    option probabilities. (float32: a full knockout gives NaN logits in float64, noted as a bug.)"""
+    option probabilities (in float32, the dtype users run)."""
     from vrp_eval.intervention import estimate_sigma
 
     loaded = tiny_loaded(family)

@@ -120,7 +120,9 @@ def vrp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
         scores = scores + mask[:, :, :, : key_full.shape[-2]]
     for hook in hooks:
         scores = hook.modify_scores(layer, scores, mask)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # At least float32 (bf16 / fp16 scores), and float64 kept: a float64 mask's finfo.min would turn
+    # into -inf in float32, and a padding query whose every key is masked would give NaN.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     for hook in hooks:
         probs = hook.modify_probs(layer, probs)
     output = torch.matmul(probs, value_full).transpose(1, 2).contiguous()
