@@ -81,6 +81,18 @@ def _err(capsys, argv):
     return code, capsys.readouterr().err
 
 
+def test_a_partial_run_from_another_version_is_refused_with_the_fix(capsys, tmp_path):
+    """Resuming reads pass1.partial.jsonl back into records: rows another vrp-eval version wrote (a field
+    this one does not have) get the folder, the field and the fix, not a TypeError."""
+    code, err = _err(capsys, ["run", "--limit", "4", "--signals", "", "--output", str(tmp_path)])
+    assert code == 0, err
+    partial = tmp_path / "pass1.partial.jsonl"
+    partial.write_text('{"question_id": 1, "seconds": {"answer": 0.1}}\n')
+    (tmp_path / "samples.jsonl").unlink()
+    code, err = _err(capsys, ["run", "--limit", "4", "--signals", "", "--output", str(tmp_path)])
+    assert code == 2 and "pass1.partial.jsonl" in err and "unknown fields seconds" in err and "--overwrite" in err
+
+
 def test_unknown_model_name(capsys, tmp_path):
     code, err = _err(capsys, ["run", "--model", "tiny-llavaa", "--limit", "2", "--output", str(tmp_path)])
     assert code == 2 and "tiny-llavaa" in err and "zoo model" in err

@@ -25,6 +25,38 @@ def _nanmean_columns(rows) -> list[float | None]:
     return [float(s / c) if c else None for s, c in zip(sums, counts)]
 
 
+def _proxy_details(records: list[SampleRecord], settings: ProbeSettings,
+                   state: EngineState | None) -> dict[str, Any]:
+    """The proxy's curves, circuit and integration layer, and with exact tracing in the same run its
+    agreement with the exact engine (vrp_eval.proxy; docs/signals.md, "Fast proxy of causal tracing")."""
+    import numpy as np
+
+    from vrp_eval.proxy import agreement, proxy_window
+    from vrp_eval.tracing import integration_layer, window_width
+
+    curves = {g: np.array([r.ie_proxy[g] for r in records], dtype=float).mean(0).tolist() for g in records[0].ie_proxy}
+    num_layers = len(next(iter(curves.values())))
+    width = window_width(num_layers, settings.window)
+    window = proxy_window(curves["last"], width) if "last" in curves and width <= num_layers else None
+    details: dict[str, Any] = {"ie_proxy_curves": curves, "proxy_circuit_layers": list(window) if window else None}
+    if "last" in curves and "image" in curves:
+        details["proxy_integration_layer"] = integration_layer(curves["last"], curves["image"])
+    if all(r.ie is not None for r in records):
+        found = agreement([r.ie_proxy for r in records], [r.ie for r in records], groups=list(curves))
+        details["proxy_per_layer_pearson"] = found.pop("per_layer_pearson")
+        exact = {g: np.array([r.ie[g] for r in records], dtype=float).mean(0) for g in curves}
+        exact_window = proxy_window(exact["last"], width) if "last" in exact and width <= num_layers else None
+        details["ie_rise_layers"] = list(exact_window) if exact_window else None
+        found["circuit_equal"] = float(window is not None and exact_window == window)
+        if state is not None and state.circuit is not None:
+            found["knockout_circuit_equal"] = float(window is not None and tuple(state.circuit) == tuple(window))
+        if "proxy_integration_layer" in details:
+            found["integration_layer_equal"] = float(
+                details["proxy_integration_layer"] == integration_layer(exact["last"], exact["image"]))
+        details["proxy_agreement"] = found
+    return details
+
+
 def aggregate(records: list[SampleRecord], settings: ProbeSettings,
               state: EngineState | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Aggregate metrics (SPEC names) and the details needed for pictures."""
@@ -65,6 +97,8 @@ def aggregate(records: list[SampleRecord], settings: ProbeSettings,
             from vrp_eval.tracing import integration_layer
 
             metrics["integration_layer"] = integration_layer(ie_mean["last"], ie_mean["image"])
+    if all(r.ie_proxy is not None for r in records):
+        details.update(_proxy_details(records, settings, state))
     if state is not None and state.circuit is not None:
         discovery = [r for r in records if r.knockout_scores is not None]
         clean_disc = float(np.mean([r.score for r in discovery]))
@@ -88,4 +122,15 @@ def aggregate(records: list[SampleRecord], settings: ProbeSettings,
             if all(r.sharpness_corrupted is not None for r in heldout):
                 metrics["sharpness_heldout_clean"] = _nanmean(r.sharpness for r in heldout)
                 metrics["sharpness_heldout_corrupted"] = _nanmean(r.sharpness_corrupted for r in heldout)
+    from vrp_eval.signal_comparison import compare_signals
+
+    circuit = state.circuit if state is not None else None
+    if circuit is None and details.get("proxy_circuit_layers"):  # proxy mode: the proxy's own window
+        circuit = tuple(details["proxy_circuit_layers"])
+    table = compare_signals(records, circuit=circuit,
+                            n_noise=settings.n_noise if settings.noise == "gaussian" else 1,
+                            n_bootstrap=settings.n_bootstrap, seed=settings.seed,
+                            seconds_per_sample=state.seconds_per_sample() if state is not None else None)
+    if table is not None:
+        details["signal_comparison"] = table
     return metrics, details

@@ -13,18 +13,11 @@ from vrp_eval.options import DEFAULTS
 
 
 @torch.no_grad()
-def logit_lens_margin(loaded, batch, target_ids: Sequence[int] | Sequence[Sequence[int]]):
-    """Per sample, per decoder layer: the logit-lens margin of `target_ids[sample]` at the last
-    prompt position: final norm + lm_head on that layer's output, target logit minus the largest
-    other logit. Only the last position goes through the head, in one forward pass.
-
-    `target_ids` is one token per sample (returns [sample][layer]) or several per sample, e.g. the
-    reference answer's first token and the model's own (returns [sample][target][layer]). The final
-    norm makes this the standard logit lens (the companion toolkit reads the raw residual); at the
-    last layer it is the model's real margin."""
+def last_position_states(loaded, batch) -> torch.Tensor:
+    """(B, L, d): every decoder layer's output at each sample's last prompt position, in one prompt
+    forward (only the last position goes through the head). Feeds the logit lens and the probing
+    classifier's features."""
     adapter, model = loaded.adapter, loaded.model
-    if len(target_ids) != batch["input_ids"].shape[0]:
-        raise ValueError(f"{len(target_ids)} target ids for a batch of {batch['input_ids'].shape[0]}")
     groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
     last = groups["last"].int().argmax(1).to(loaded.device)
     rows = torch.arange(last.shape[0], device=loaded.device)
@@ -39,8 +32,45 @@ def logit_lens_margin(loaded, batch, target_ids: Sequence[int] | Sequence[Sequen
         for i, layer in enumerate(adapter.decoder_layers):
             scope.on_output(layer, capture(i))
         model(**loaded.model_inputs(batch), logits_to_keep=1, use_cache=False)
-    hidden = torch.stack([states[i] for i in range(adapter.num_layers)], dim=1)  # (B, L, d)
-    logits = adapter.head_logits(hidden, torch.float32)
+    return torch.stack([states[i] for i in range(adapter.num_layers)], dim=1)
+
+
+#: Probing features keep at most this many numbers per layer: wider states are projected by a seeded
+#: Gaussian matrix (Johnson-Lindenstrauss), which keeps a linear probe's separability up to small
+#: distortion and keeps samples.jsonl small (a 7B model's 32 x 4096 states would be 1 MB per line).
+PROBE_DIM = 64
+
+
+def probe_features(hidden: torch.Tensor, seed: int, dim: int = PROBE_DIM) -> list[list[list[float]]]:
+    """Per sample, per layer: the last-position state (B, L, d) as at most `dim` numbers (the state
+    itself when d <= dim, else its seeded random projection scaled by 1/sqrt(dim)), 6 significant
+    digits (a logistic probe does not see the difference; the JSON line is a third of the size)."""
+    width = hidden.shape[-1]
+    states = hidden.detach().float().cpu()
+    if width > dim:
+        generator = torch.Generator().manual_seed(int(seed))
+        projection = torch.randn(width, dim, generator=generator) / dim ** 0.5
+        states = states @ projection
+    return [[[float(f"{v:.6g}") for v in layer] for layer in sample] for sample in states.tolist()]
+
+
+@torch.no_grad()
+def logit_lens_margin(loaded, batch, target_ids: Sequence[int] | Sequence[Sequence[int]],
+                      hidden: torch.Tensor | None = None):
+    """Per sample, per decoder layer: the logit-lens margin of `target_ids[sample]` at the last
+    prompt position: final norm + lm_head on that layer's output, target logit minus the largest
+    other logit. Only the last position goes through the head, in one forward pass.
+
+    `target_ids` is one token per sample (returns [sample][layer]) or several per sample, e.g. the
+    reference answer's first token and the model's own (returns [sample][target][layer]). The final
+    norm makes this the standard logit lens (the companion toolkit reads the raw residual); at the
+    last layer it is the model's real margin. `hidden`: `last_position_states(loaded, batch)` when the
+    caller already has it."""
+    if len(target_ids) != batch["input_ids"].shape[0]:
+        raise ValueError(f"{len(target_ids)} target ids for a batch of {batch['input_ids'].shape[0]}")
+    if hidden is None:
+        hidden = last_position_states(loaded, batch)
+    logits = loaded.adapter.head_logits(hidden, torch.float32)
     several = len(target_ids) > 0 and isinstance(target_ids[0], (list, tuple))
     targets = torch.as_tensor([list(t) if several else [t] for t in target_ids], device=logits.device)  # (B, K)
     margins = []

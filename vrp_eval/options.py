@@ -21,8 +21,9 @@ from vrp_eval.calibration import DEFAULT_N_BINS, DEFAULT_N_BOOTSTRAP
 from vrp_eval.errors import VrpError
 
 #: Per-sample signals a run can compute; `signals=` (empty) answers and scores only (the probe is off).
-SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens", "consistency")
-DEFAULT_SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens")
+SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens", "consistency", "saliency", "probing",
+           "proxy")
+DEFAULT_SIGNALS = ("attention", "structural", "tracing", "circuit", "logit_lens", "saliency", "probing")
 CONFIDENCE_KINDS = ("product", "first_token", "length_norm", "option")
 NOISE_KINDS = ("gaussian", "mean", "zero")
 # lmms-eval's VQAv2 / OK-VQA prompts end with this line; the default prompt uses it too so that

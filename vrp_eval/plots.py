@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ie_curves", "reliability_diagram", "sharpness_scatter", "trace_heatmap"]
+__all__ = ["ie_curves", "reliability_diagram", "risk_coverage_curves", "sharpness_scatter", "trace_heatmap"]
 
 
 def reliability_diagram(
@@ -186,5 +186,29 @@ def sharpness_scatter(sharpness: Sequence[float], confidence: Sequence[float], c
     heading = "Sharpness against confidence"
     if len(s) > 2 and np.std(s) > 0 and np.std(c) > 0:
         heading += f" (r = {np.corrcoef(s, c)[0, 1]:+.2f}, n = {len(s)})"
+    axes.set_title(f"{title}\n{heading}" if title else heading, fontsize=10)
+    return _save(figure, path)
+
+
+def risk_coverage_curves(table: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Risk-coverage curve of every signal of `details["signal_comparison"]` (held-out half) and of the
+    oracle order (dotted) when the table has it; the legend gives each curve's AURC."""
+    figure = _new_figure((6.4, 4.2))
+    axes = figure.subplots()
+    for row in table["signals"]:
+        curve = row["curve"]
+        aurc = row.get("aurc")
+        label = row["label"] + (f" ({aurc:.3f})" if isinstance(aurc, (int, float)) else "")
+        axes.plot(curve["coverage"], curve["risk"], linewidth=1.2, label=label)
+    if table.get("oracle_curve"):
+        oracle = table["oracle_curve"]
+        aurc = table.get("oracle_aurc")
+        axes.plot(oracle["coverage"], oracle["risk"], color="grey", linestyle=":", linewidth=1.2,
+                  label="oracle order" + (f" ({aurc:.3f})" if isinstance(aurc, (int, float)) else ""))
+    axes.set_xlabel("coverage (share answered, most trusted first)")
+    axes.set_ylabel("risk (mean 1 - score of those answered)")
+    axes.set_xlim(0.0, 1.0)
+    axes.legend(fontsize=7, title="signal (AURC)", title_fontsize=7)
+    heading = f"Selective answering by each signal (held-out, n = {table['n']})"
     axes.set_title(f"{title}\n{heading}" if title else heading, fontsize=10)
     return _save(figure, path)

@@ -11,6 +11,7 @@ what it already wrote (same settings), and an error in one batch loses nothing c
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,7 +71,11 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
 
         recorder = SharpnessRecorder.for_batch(loaded.adapter, batch)
         hooks.append(recorder)
+    seconds: dict[str, float] = {}  # per signal, for the batch (added to the run's `state.seconds`)
+    cost: dict[str, float] = {}  # per signal, forward-pass equivalents per sample (counted)
+    started = time.perf_counter()
     outputs = _generate(loaded, batch, settings, examples, hooks)
+    seconds["answer"] = time.perf_counter() - started
     records = []
     for example, output in zip(examples, outputs):
         score = score_output(example, output, settings.mc_scoring)
@@ -103,27 +108,72 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
 
         for record, output in zip(records, outputs):
             record.token_confidence = token_confidence(output.token_probs)
+    hidden = clean = None
+    if signals & {"logit_lens", "probing"}:  # one prompt forward feeds both (1 pass each would need alone)
+        from vrp_eval.companions import last_position_states
+
+        started = time.perf_counter()
+        if "tracing" in signals:  # the trace's clean pass serves them: one clean prompt pass for all three
+            from vrp_eval.tracing import clean_run
+
+            clean = clean_run(loaded, batch)
+            hidden = clean.last_position_states()
+        else:
+            hidden = last_position_states(loaded, batch)
+        shared = time.perf_counter() - started
+        for name in signals & {"logit_lens", "probing"}:
+            seconds[name], cost[name] = shared, 1.0
     if "logit_lens" in signals:
         from vrp_eval.companions import logit_lens_margin, reference_token_id
 
         truth = [reference_token_id(loaded.adapter, example, settings.mc_scoring) for example in examples]
         pairs = [(t if t is not None else own, own) for t, own in zip(truth, target_ids)]
-        for record, known, (truth_margin, own_margin) in zip(records, truth, logit_lens_margin(loaded, batch, pairs)):
+        margins = logit_lens_margin(loaded, batch, pairs, hidden=hidden)
+        for record, known, (truth_margin, own_margin) in zip(records, truth, margins):
             record.logit_lens_margin = truth_margin if known is not None else None
             record.logit_lens_margin_predicted = own_margin
+    if "probing" in signals:
+        from vrp_eval.companions import probe_features
+
+        for record, features in zip(records, probe_features(hidden, settings.seed)):
+            record.probe_features = features
+    if "saliency" in signals:
+        from vrp_eval.saliency import SALIENCY_PASSES, gradient_saliency
+
+        started = time.perf_counter()
+        for record, saliency in zip(records, gradient_saliency(loaded, batch, target_ids)):
+            record.saliency = saliency.concentration
+        seconds["saliency"], cost["saliency"] = time.perf_counter() - started, SALIENCY_PASSES
     if "consistency" in signals:
         from vrp_eval.companions import self_consistency
 
+        started = time.perf_counter()
         for record, value in zip(records, self_consistency(loaded, batch, k=settings.consistency_k,
                                                            seed=settings.seed)):
             record.self_consistency = value
+        # k sampled answers: k prompt passes (the greedy answer is reused, decode steps not counted)
+        seconds["consistency"], cost["consistency"] = time.perf_counter() - started, float(settings.consistency_k)
     if "tracing" in signals:
         from vrp_eval.tracing import normalised_ie, trace_batch
 
+        started = time.perf_counter()
         for record, trace in zip(records, trace_batch(loaded, batch, target_ids, _trace_settings(settings),
-                                                      state.sigma)):
+                                                      state.sigma, clean=clean)):
             record.p_clean, record.p_corrupted, record.ie = trace.p_clean, trace.p_corrupted, trace.ie
             record.nie = normalised_ie(trace.ie, trace.p_clean, trace.p_corrupted)
+            if trace.cost is not None:
+                record.cost = {"tracing": trace.cost.forward_passes}
+        seconds["tracing"] = time.perf_counter() - started
+    if "proxy" in signals:  # attribution patching: the same noise, one corrupted forward + backward each
+        from vrp_eval.proxy import proxy_trace_batch
+
+        started = time.perf_counter()
+        for record, trace in zip(records, proxy_trace_batch(loaded, batch, target_ids, _trace_settings(settings),
+                                                            state.sigma)):
+            record.ie_proxy, record.p_corrupted_proxy = trace.ie, trace.p_corrupted
+            record.p_clean = trace.p_clean if record.p_clean is None else record.p_clean
+            cost["proxy"] = trace.cost.forward_passes
+        seconds["proxy"] = time.perf_counter() - started
     if "circuit" in signals:
         from vrp_eval.tracing import knockout_answers
 
@@ -137,6 +187,11 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
             for j, row in enumerate(rows):
                 records[row].knockout_scores = [score_output(examples[row], answers[j], settings.mc_scoring)
                                                 for answers in per_window]
+    for record in records:
+        record.cost = {**cost, **(record.cost or {})}
+    for name, value in seconds.items():
+        state.seconds[name] = state.seconds.get(name, 0.0) + value
+    state.timed_samples += len(records)
     return records
 
 
@@ -206,7 +261,7 @@ def prepare_engine(loaded: LoadedModel, examples: list[Example], settings: Probe
     the knockout windows."""
     state = EngineState()
     signals = set(settings.signals)
-    if not signals & {"tracing", "circuit"}:
+    if not signals & {"tracing", "circuit", "proxy"}:
         return state
     from vrp_eval.intervention import estimate_sigma
     from vrp_eval.tracing import knockout_windows, window_width
@@ -265,6 +320,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a line cut by an interrupted write: recompute it and what follows
     return rows
+
+
+def _resumed_record(row: dict[str, Any], path: Path) -> SampleRecord:
+    """A record of a partial run, or a DataError when another vrp-eval version wrote it."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(SampleRecord)}
+    unknown = sorted(set(row) - known)
+    try:
+        if unknown:
+            raise TypeError(f"unknown fields {', '.join(unknown)}")
+        return SampleRecord(**row)
+    except TypeError as error:
+        raise DataError(f"{path} holds records this version of vrp-eval cannot resume ({error}): another version "
+                        "wrote them; pass --overwrite to start again, or choose a new --output folder") from None
 
 
 #: The files `run_probe` writes into its output folder.
@@ -344,7 +414,7 @@ def run_probe(
     state = prepare_engine(loaded, examples, settings, calibration)
 
     pass1_path = folder / "pass1.partial.jsonl" if folder else None
-    records = {row["question_id"]: SampleRecord(**row) for row in _read_jsonl(pass1_path)} if folder else {}
+    records = {row["question_id"]: _resumed_record(row, pass1_path) for row in _read_jsonl(pass1_path)} if folder else {}
     todo = [e for e in examples if e.question_id not in records]
     _run_pass(f"vrp-eval {loaded.model_name}", examples, todo, settings, progress, pass1_path,
               lambda chunk: probe_batch(loaded, chunk, settings, state), records)

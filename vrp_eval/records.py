@@ -80,11 +80,19 @@ class SampleRecord:
     logit_lens_margin: list[float] | None = None  # truth margin: the reference answer's first token
     logit_lens_margin_predicted: list[float] | None = None  # the model's own first token
     self_consistency: float | None = None
+    saliency: float | None = None  # concentration of input x gradient over the image tokens (vrp_eval.saliency)
+    probe_features: list[list[float]] | None = None  # per layer: the last prompt position's state (companions.probe_features)
+    # per signal: forward-pass equivalents it cost this sample, counted where the work is done (the
+    # measured seconds are run-wide, `EngineState.seconds`: a record holds only what a rerun reproduces)
+    cost: dict[str, float] | None = None
     # causal tracing
     p_clean: float | None = None
     p_corrupted: float | None = None
     ie: dict[str, list[float]] | None = None
     nie: dict[str, list[float | None]] | None = None  # IE / (p_clean - p_corrupted); None: no meaningful gap
+    # fast proxy of causal tracing (signal `proxy`, vrp_eval.proxy): attribution-patching IE, same noise
+    ie_proxy: dict[str, list[float]] | None = None
+    p_corrupted_proxy: float | None = None  # p_corrupted over the proxy's noise samples (the first K')
     # circuit (discovery half: knockout; held-out half: corrupted and control runs)
     knockout_scores: list[float] | None = None
     corrupted_answer: str | None = None
@@ -152,6 +160,12 @@ class EngineState:
     windows: list[tuple[int, int]] = field(default_factory=list)
     circuit: tuple[int, int] | None = None
     control: tuple[int, int] | None = None
+    # wall seconds per signal summed over the batches this process ran, and how many samples they had
+    seconds: dict[str, float] = field(default_factory=dict)
+    timed_samples: int = 0
+
+    def seconds_per_sample(self) -> dict[str, float] | None:
+        return {k: v / self.timed_samples for k, v in self.seconds.items()} if self.timed_samples else None
 
 
 def model_block(loaded: Any) -> dict[str, Any]:

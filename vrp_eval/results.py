@@ -381,7 +381,8 @@ def _check_details(field: str, entry: Mapping) -> None:
             for k in ("mean_confidence", "mean_score"):
                 if b[k] is not None and not _is_number(b[k]):
                     raise _fail(f"{field}.reliability_bins[{i}].{k}", f"is {_short(b[k])}", "give a number or null")
-    for name, what in (("ie_curves", "IE"), ("nie_curves", "NIE")):
+    for name, what in (("ie_curves", "IE"), ("nie_curves", "NIE"), ("ie_proxy_curves", "proxy IE"),
+                       ("proxy_per_layer_pearson", "Pearson r")):
         curves = entry.get(name)
         if curves is None:
             continue
@@ -392,6 +393,22 @@ def _check_details(field: str, entry: Mapping) -> None:
             if not isinstance(curve, (list, tuple)) or not all(v is None or _is_number(v) for v in curve):
                 raise _fail(f"{field}.{name}.{group}", "is not a list of numbers",
                             f"give one {what} value per layer (null where it could not be computed)")
+    for name in ("proxy_circuit_layers", "ie_rise_layers"):
+        if entry.get(name) is not None:
+            _check_layer_range(f"{field}.{name}", entry[name], "window")
+    if entry.get("proxy_integration_layer") is not None and not _is_layer(entry["proxy_integration_layer"]):
+        raise _fail(f"{field}.proxy_integration_layer", f"is {_short(entry['proxy_integration_layer'])}",
+                    "give a decoder-layer index (an integer >= 0) or null")
+    found = entry.get("proxy_agreement")
+    if found is not None:
+        if not isinstance(found, Mapping):
+            raise _fail(f"{field}.proxy_agreement", "is not an object", "give {statistic: number or null}")
+        _check_keys(f"{field}.proxy_agreement", found, "statistic")
+        for key, value in found.items():
+            if value is not None and not _is_number(value):
+                raise _fail(f"{field}.proxy_agreement.{key}", f"is {_short(value)}", "give a number or null")
+    if entry.get("signal_comparison") is not None:
+        _check_signal_comparison(f"{field}.signal_comparison", entry["signal_comparison"])
     knockout = entry.get("knockout_curve")
     if knockout is not None:
         if not isinstance(knockout, (list, tuple)):
@@ -404,6 +421,32 @@ def _check_details(field: str, entry: Mapping) -> None:
             for k in ("accuracy", "drop"):
                 if point.get(k) is not None and not _is_number(point[k]):
                     raise _fail(f"{field}.knockout_curve[{i}].{k}", f"is {_short(point[k])}", "give a number or null")
+
+
+def _check_signal_comparison(field: str, table: Any) -> None:
+    """details.signal_comparison (`vrp_eval.signal_comparison.compare_signals`)."""
+    if not isinstance(table, Mapping):
+        raise _fail(field, f"is {_short(table)}", "give the object compare_signals returns, or leave it out")
+    rows = table.get("signals")
+    if not isinstance(rows, (list, tuple)):
+        raise _fail(f"{field}.signals", f"is {_short(rows)}", "give a list of one object per signal")
+    for i, row in enumerate(rows):
+        where = f"{field}.signals[{i}]"
+        if not isinstance(row, Mapping):
+            raise _fail(where, f"is {_short(row)}", "give an object {name, label, auroc, aurc, e_aurc, ...}")
+        _check_name(f"{where}.name", row.get("name"), "give the signal's name")
+        if row.get("higher_means") not in ("right", "wrong"):
+            raise _fail(f"{where}.higher_means", f"is {_short(row.get('higher_means'))}",
+                        "say what a higher value claims: 'right' or 'wrong'")
+        for key in ("auroc", "aurc", "e_aurc", "spearman_overconfidence"):
+            if row.get(key) is not None and not _is_number(row[key]):
+                raise _fail(f"{where}.{key}", f"is {_short(row[key])}", "give a number or null")
+        curve = row.get("curve")
+        if curve is not None and (not isinstance(curve, Mapping) or any(
+                not isinstance(curve.get(k), (list, tuple)) or not all(_is_finite(v) for v in curve[k])
+                for k in ("coverage", "risk")) or len(curve["coverage"]) != len(curve["risk"])):
+            raise _fail(f"{where}.curve", "is not {coverage: [...], risk: [...]} of equal length",
+                        "give the risk-coverage curve as two lists of finite numbers")
 
 
 def dumps_results(obj: dict) -> str:

@@ -9,16 +9,23 @@ Per sample, `trace_batch` measures
                  layer l's output at the positions of group G (image / text / last) set to its clean
                  value (mean over the K noise samples).
 
-The restoration sweep reuses everything a restoration cannot change. One clean forward records each
-decoder layer's call (its keyword arguments: attention mask, rotary embeddings, ...) and output; the
-corrupted run replays the decoder layers from the corrupted embeddings, recording each layer's output
-and keys/values. Restoring layer l leaves layers 0..l untouched, so the restored run only replays
+The restoration sweep recomputes only what a restoration can change. One clean forward (`clean_run`,
+which the logit lens and the probing features share) records each decoder layer's call (its keyword
+arguments: attention mask, rotary embeddings, ...), output and keys/values; the corrupted run
+replays the decoder layers from the corrupted embeddings, recording each layer's output and
+keys/values. Restoring layer l leaves layers 0..l untouched, so the restored run only replays
 layers l+1..L-1, and restorations are batched as a staircase: the rows of every traced layer of a
 group ride in one batch, and the row restored at layer l joins when the replay reaches layer l+1.
-In a causal decoder the positions before the first restored position are also unchanged, and so are
-the positions before the first image token (the corruption has not reached them, so restoring them
-is a no-op): the replay starts at the first group position after the image and the skipped positions'
-keys/values come from the corrupted run (`last` and `text` replay only the prompt's tail).
+In a causal decoder a position reads only itself and earlier ones, so:
+- the positions before the first image token never see the corruption: the corrupted run replays
+  from the first image position over the clean run's keys/values, and restoring them is a no-op;
+- restoring *every* image position at layer l makes every position up to the image's end clean at
+  layer l and so at every later layer: the image group replays only the prompt's tail after the
+  image, over the clean run's keys/values (`text` and `last` replay from their first position after
+  the image, over the corrupted run's);
+- rows whose tails are about as long share a replay batch (`BUCKET_SLACK`), so the work per sample
+  is within a few percent of 1 + K [n/T + (L-1)/2 (2 n_tail + 1)/T] forward passes (n positions from
+  the image on, n_tail after it; benchmarks/bench_tracing.py).
 PaliGemma's prefix attends bidirectionally (`adapter.bidirectional_prefix`), so there every replay
 covers all positions. Only the last position goes through the final norm and the LM head. The
 replay calls the model's own decoder-layer modules, so nothing of a family's forward is rewritten.
@@ -112,21 +119,32 @@ class _Stop(Exception):
         self.hidden = hidden
 
 
+def _join(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """prefix (N, H, P, D) before states (blocks * N, H, S, D) along the positions, the prefix shared
+    by every block: one copy (a repeat then a concatenation would copy the prefix twice)."""
+    n = prefix.shape[0]
+    out = states.new_empty(states.shape[0], states.shape[1], prefix.shape[2] + states.shape[2], states.shape[3])
+    out.view(-1, n, *out.shape[1:])[:, :, :, :prefix.shape[2]] = prefix
+    out[:, :, prefix.shape[2]:] = states
+    return out
+
+
 class _ReplayCache:
     """Stands in for a transformers Cache inside one decoder-layer call: prepends the keys/values of
-    the skipped prefix positions and/or records the call's keys/values."""
+    the skipped prefix positions (shared by the stacked blocks of the batch) and/or records the
+    call's keys/values."""
 
     def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, record: dict | None = None):
         self.prefix = prefix
         self.record = record
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.record is not None:
+        if self.prefix is not None:
+            prefix_k, prefix_v = self.prefix
+            key_states, value_states = _join(prefix_k, key_states), _join(prefix_v, value_states)
+        if self.record is not None:  # every position's keys/values, the prefix's included
             self.record[layer_idx] = (key_states, value_states)
-        if self.prefix is None:
-            return key_states, value_states
-        prefix_k, prefix_v = self.prefix
-        return torch.cat([prefix_k, key_states], dim=-2), torch.cat([prefix_v, value_states], dim=-2)
+        return key_states, value_states
 
 
 def _repeat(x: torch.Tensor, dim: int, blocks: int) -> torch.Tensor:
@@ -182,6 +200,19 @@ class _Replay:
                 kwargs[name] = self._expand(value, blocks)
         return kwargs
 
+    def select(self, rows: torch.Tensor) -> _Replay:
+        """The replay of the batch's rows `rows` alone (its own work counter, per sample of those rows)."""
+        def pick(value):
+            if torch.is_tensor(value):
+                dim = self._batch_dim(value)
+                return value if dim is None else value.index_select(dim, rows)
+            if isinstance(value, tuple):
+                return tuple(pick(v) for v in value)
+            return value
+
+        calls = [(tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}) for args, kwargs in self.calls]
+        return _Replay(self.adapter, calls, len(rows), self.length)
+
     def run(self, layer: int, hidden: torch.Tensor, t0: int = 0,
             prefix: tuple[torch.Tensor, torch.Tensor] | None = None, record: dict | None = None) -> torch.Tensor:
         blocks = hidden.shape[0] // self.batch
@@ -202,14 +233,11 @@ def _head_probs(loaded, hidden_last: torch.Tensor) -> torch.Tensor:
     return loaded.adapter.head_logits(hidden_last, _prob_dtype(loaded)).softmax(-1)
 
 
-def _first_position(mask: torch.Tensor) -> int | None:
-    """The first column any row of `mask` (B, T) marks; None when it marks nothing."""
-    columns = mask.any(0).nonzero()
-    return int(columns[0]) if len(columns) else None
-
-
 @torch.no_grad()
-def _clean_capture(loaded, inputs: dict[str, Any]):
+def _clean_capture(loaded, inputs: dict[str, Any], kv: dict | None = None):
+    """The clean forward: the language model's call, each decoder layer's call (positional args after
+    the hidden states, keyword args) and output. `kv`: filled with each layer's keys/values (layers
+    that take a cache argument), the prefix a replay over later positions attends to."""
     adapter = loaded.adapter
     lm_call: dict[str, Any] = {}
     calls: list[Any] = [None] * adapter.num_layers
@@ -221,6 +249,10 @@ def _clean_capture(loaded, inputs: dict[str, Any]):
     def pre_hook(index):
         def hook(module, args, kwargs):
             calls[index] = (tuple(args[1:]), dict(kwargs))
+            cache_key = next((k for k in _CACHE_KWARGS if k in kwargs), None)
+            if kv is not None and cache_key is not None and kwargs[cache_key] is None:
+                return args, {**kwargs, cache_key: _ReplayCache(record=kv)}
+            return None
         return hook
 
     def out_hook(index):
@@ -238,6 +270,36 @@ def _clean_capture(loaded, inputs: dict[str, Any]):
         raise RuntimeError("the clean forward pass did not run every decoder layer of "
                            f"{type(adapter.language_model).__name__}: cannot trace this model")
     return lm_call["call"], calls, outputs
+
+
+@dataclass
+class CleanRun:
+    """The clean prompt pass of an encoded batch as the trace records it: the language model's call,
+    each decoder layer's call and output, and (causal decoders) each layer's keys/values. Made by
+    `clean_run`; `trace_batch(clean=...)` and the logit lens / probing features
+    (`last_position_states`) share it, so a batch needs one clean pass for all of them."""
+
+    lm_call: Any
+    calls: list
+    outputs: list[torch.Tensor]
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
+    last: torch.Tensor  # (B,) each sample's last prompt position
+
+    def last_position_states(self) -> torch.Tensor:
+        """(B, L, d): every decoder layer's output at each sample's last prompt position (what
+        `companions.last_position_states` computes with a forward of its own)."""
+        rows = torch.arange(self.last.shape[0], device=self.last.device)
+        return torch.stack([output[rows, self.last] for output in self.outputs], dim=1)
+
+
+@torch.no_grad()
+def clean_run(loaded, batch) -> CleanRun:
+    """The clean prompt pass of `batch` (an encoded batch), recorded for `trace_batch`."""
+    adapter = loaded.adapter
+    kv: dict | None = None if adapter.bidirectional_prefix else {}
+    lm_call, calls, outputs = _clean_capture(loaded, loaded.model_inputs(batch), kv=kv)
+    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
+    return CleanRun(lm_call, calls, outputs, kv, groups["last"].int().argmax(1).to(loaded.device))
 
 
 @torch.no_grad()
@@ -265,48 +327,64 @@ def _check_groups(groups: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Causal tracing
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSettings | None = None,
-                sigma: NoiseScale | None = None) -> list[TraceResult]:
-    """Clean, corrupted and restored runs of an encoded batch; one `TraceResult` per sample.
-
-    target_ids: per sample, the token whose probability is traced (the clean greedy answer's first
-    token). sigma: from `estimate_sigma` (needed for `gaussian`; its `embedding["image"]` scales the
-    embedding noise)."""
+def _trace_inputs(loaded, batch, target_ids: Sequence[int], settings: TraceSettings | None, sigma):
+    """The checks every tracer (exact or proxy) makes of its inputs, and what it reads of them:
+    (settings, traced layers, position-group masks on the device, target ids on the device)."""
     settings = settings or TraceSettings()
-    adapter = loaded.adapter
-    num_layers = adapter.num_layers
     _check_groups(settings.groups)
     check_kind(settings.kind, settings.scale, sigma)
     n_rows = batch["input_ids"].shape[0]
     if len(target_ids) != n_rows:
         raise ValueError(f"{len(target_ids)} target ids for a batch of {n_rows} samples")
-    traced = adapter.check_layers(settings.layers)
+    traced = loaded.adapter.check_layers(settings.layers)
+    groups = loaded.adapter.position_groups(batch["input_ids"], batch["attention_mask"])
+    masks = {g: m.to(loaded.device) for g, m in groups.items()}
+    return settings, traced, masks, torch.as_tensor([int(t) for t in target_ids], device=loaded.device)
 
-    device = loaded.device
-    inputs = loaded.model_inputs(batch)
-    masks = {g: m.to(device) for g, m in adapter.position_groups(batch["input_ids"], batch["attention_mask"]).items()}
+
+@torch.no_grad()
+def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSettings | None = None,
+                sigma: NoiseScale | None = None, *, clean: CleanRun | None = None,
+                _from_image: bool = False) -> list[TraceResult]:
+    """Clean, corrupted and restored runs of an encoded batch; one `TraceResult` per sample.
+
+    target_ids: per sample, the token whose probability is traced (the clean greedy answer's first
+    token). sigma: from `estimate_sigma` (needed for `gaussian`; its `embedding["image"]` scales the
+    embedding noise). clean: `clean_run(loaded, batch)` when the caller already made it (else the
+    trace makes it). `_from_image`: the engine of 2026-12-01 (every replay starts at the first image
+    position, over the corrupted run's keys/values), kept for benchmarks/bench_tracing.py."""
+    settings, traced, masks, targets = _trace_inputs(loaded, batch, target_ids, settings, sigma)
+    adapter = loaded.adapter
+    num_layers = adapter.num_layers
+    n_rows, device = len(targets), loaded.device
     length = masks["all"].shape[1]
     rows = torch.arange(n_rows, device=device)
     last = masks["last"].int().argmax(1)
-    targets = torch.as_tensor([int(t) for t in target_ids], device=device)
 
-    lm_call, calls, clean_out = _clean_capture(loaded, inputs)
+    clean = clean or clean_run(loaded, batch)
+    lm_call, calls, clean_out = clean.lm_call, clean.calls, clean.outputs
+    clean_kv = None if _from_image else clean.kv
     replay = _Replay(adapter, calls, n_rows, length)
     p_clean = _head_probs(loaded, clean_out[-1][rows, last])[rows, targets]
 
-    # Where each group's restored replay starts. In a causal decoder a position before a row's first
-    # image token never sees the corruption (its clean and corrupted states are equal), so restoring
-    # it changes nothing: the replay starts at the first group position at or after the image.
-    # None: nothing to restore, IE = 0.
+    # In a causal decoder a position before a row's first image token never sees the corruption: its
+    # corrupted states are the clean ones, so the corrupted run replays from the first image position
+    # over the clean run's keys/values. What each group's restored replay can skip: see _plan.
     columns = torch.arange(length, device=device)
+    corrupted_from = 0
     if replay.can_skip_prefix:
-        image_start = torch.where(masks["image"], columns, length).amin(1, keepdim=True)
-        effective = {g: masks[g] & (columns >= image_start) for g in settings.groups}
-        start = {g: _first_position(effective[g]) for g in settings.groups}
+        image_start = torch.where(masks["image"], columns, length).amin(1)
+        if clean_kv:
+            corrupted_from = min(int(image_start.min()), int(last.min()))
+        plans = {g: _plan(masks[g], image_start, columns, settle=bool(clean_kv)) for g in settings.groups}
     else:
-        start = {g: 0 if masks[g].any() else None for g in settings.groups}
-    need_kv = any(t not in (None, 0) for t in start.values())
+        everyone = list(range(n_rows))
+        plans = {g: _Plan([_Bucket(everyone, 0, "none")] if masks[g].any() else [], torch.zeros_like(last))
+                 for g in settings.groups}
+    need_kv = any(b.prefix == "corrupted" for plan in plans.values() for b in plan.buckets)
+    # A bucket of some rows replays alone: its own slice of every layer's call, made once.
+    replays = {(g, i): (replay if b.rows == list(range(n_rows)) else replay.select(torch.tensor(b.rows, device=device)))
+               for g, plan in plans.items() for i, b in enumerate(plan.buckets)}
 
     max_rows = settings.max_rows or (16 if device.type == "cpu" else 256)
     embed_sigma = sigma.embedding["image"] if sigma is not None else None
@@ -318,25 +396,30 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
     for k in range(n_noise):
         corruption = EmbeddingCorruption(adapter, masks["image"], settings.kind, settings.scale, embed_sigma,
                                          seed=settings.seed, noise_index=k)
-        hidden = _corrupted_layer0_input(adapter, lm_call, corruption)
+        hidden = _corrupted_layer0_input(adapter, lm_call, corruption)[:, corrupted_from:]
         kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if need_kv else None
         corrupted_out = []
         for layer in range(num_layers):
-            hidden = replay.run(layer, hidden, record=kv)
+            prefix = _prefix(clean_kv, layer, corrupted_from) if corrupted_from else None
+            hidden = replay.run(layer, hidden, t0=corrupted_from, prefix=prefix, record=kv)
             corrupted_out.append(hidden)
-        p_corrupted[k] = _head_probs(loaded, hidden[rows, last])[rows, targets]
+        p_corrupted[k] = _head_probs(loaded, hidden[rows, last - corrupted_from])[rows, targets]
         for group in settings.groups:
-            t0 = start[group]
-            if t0 is None:
-                p_restored[group][k, traced] = p_corrupted[k]
-                continue
-            _restore_staircase(loaded, replay, group_mask=masks[group], traced=traced, t0=t0, clean_out=clean_out,
-                               corrupted_out=corrupted_out, kv=kv, last=last, targets=targets,
-                               max_rows=max_rows, into=p_restored[group][k])
+            plan = plans[group]
+            # Rows no bucket replays: their restored run is their clean run or their corrupted run.
+            p_restored[group][k, traced] = torch.where(plan.settled > last, p_clean, p_corrupted[k])
+            for i, bucket in enumerate(plan.buckets):
+                _restore_staircase(loaded, replays[group, i], rows=bucket.rows, group_mask=masks[group],
+                                   traced=traced, t0=bucket.start, clean_out=clean_out, corrupted_out=corrupted_out,
+                                   corrupted_from=corrupted_from,
+                                   kv={"clean": clean_kv, "corrupted": kv, "none": None}[bucket.prefix],
+                                   last=last, targets=targets, max_rows=max_rows, into=p_restored[group][k])
 
     ie = {g: (p_restored[g] - p_corrupted[:, None, :]).mean(0) for g in settings.groups}  # (L, B)
     # 1 clean forward + per noise sample the corrupted replay (L layers) + the restorations.
-    passes = 1 + replay.layer_evaluations / num_layers
+    evaluations = replay.layer_evaluations + sum(
+        r.layer_evaluations * r.batch / n_rows for r in replays.values() if r is not replay)
+    passes = 1 + evaluations / num_layers
     naive = 1 + n_noise * (1 + len(settings.groups) * len(traced))
     cost = TraceCost(forward_passes=float(passes), naive_forward_passes=naive)
     results = []
@@ -350,13 +433,89 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
     return results
 
 
-def _restore_staircase(loaded, replay: _Replay, *, group_mask, traced, t0, clean_out, corrupted_out, kv, last,
-                       targets, max_rows, into) -> None:
-    """p_restored of every traced layer for one group; writes into[layer, row]."""
+#: Rows whose restored replays start at different positions share a replay batch only while the
+#: longer replay covers at most this many times the positions of the shorter (the rest is waste).
+BUCKET_SLACK = 1.1
+
+
+@dataclass
+class _Bucket:
+    """Rows of the batch restored in one replay: from position `start`, over the keys/values of the
+    positions before it from the clean run ("clean"), the corrupted run ("corrupted") or none."""
+
+    rows: list[int]
+    start: int
+    prefix: str
+
+
+@dataclass
+class _Plan:
+    """A group's restored replays. settled: per row, the leading positions that equal the clean run
+    at every layer after the restoration; a row in no bucket is its clean run where they cover its
+    last position, its corrupted run otherwise."""
+
+    buckets: list[_Bucket]
+    settled: torch.Tensor
+
+
+def _plan(group_mask: torch.Tensor, image_start: torch.Tensor, columns: torch.Tensor, settle: bool) -> _Plan:
+    """The restored replays of one group in a causal decoder. Positions before a row's first image
+    token are clean in the corrupted run, so restoring them changes nothing: a row's replay starts
+    at its first group position after that, over the corrupted run's keys/values. Restoring layer
+    l's output at a run of positions that starts at the first image token and covers every position
+    up to p (the whole image, for the image group) makes positions 0..p clean at layer l; a causal
+    decoder's position reads only itself and earlier ones, so they stay clean at every later layer
+    and need no replay: the row's replay covers the tail after them, over the clean run's
+    keys/values. Exact only when the restored positions reach back to the corruption (all image
+    positions of a row, never a subset) and the positions before it are untouched
+    (`bidirectional_prefix` off). Rows whose tails are about as long share a bucket. With `settle`
+    off, only the untouched prefix is skipped and all rows ride in one bucket (the 2026-12-01 engine)."""
+    length = group_mask.shape[1]
+    before = columns < image_start[:, None]
+    first_changed = torch.where(group_mask & ~before, columns, length).amin(1)
+    untouched = torch.minimum(image_start, first_changed)
+    settled = (group_mask | before).int().cumprod(1).sum(1) if settle else untouched
+    clean = settled > untouched  # the restoration settles positions the corruption reached
+    starts = torch.where(first_changed < length, torch.where(clean, settled, first_changed), length)
+    replayed = [(bool(c), int(s), row) for row, (c, s) in enumerate(zip(clean.tolist(), starts.tolist())) if s < length]
+    if not settle:
+        rows = list(range(len(starts)))
+        start = min((s for _, s, _ in replayed), default=length)
+        buckets = [_Bucket(rows, start, "corrupted" if start > 0 else "none")] if replayed else []
+        return _Plan(buckets, settled)
+    buckets: list[_Bucket] = []
+    for is_clean, start, row in sorted(replayed):
+        prefix = ("clean" if is_clean else "corrupted") if start > 0 else "none"
+        head = buckets[-1] if buckets else None
+        if head is not None and head.prefix == prefix and length - head.start <= BUCKET_SLACK * (length - start):
+            head.rows.append(row)
+        else:
+            buckets.append(_Bucket([row], start, prefix))
+    for bucket in buckets:
+        bucket.rows.sort()  # the batch's own order: a bucket of every row replays the batch as it is
+    return _Plan(buckets, settled)
+
+
+def _prefix(kv: dict, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key, value = kv[layer]
+    return key[:, :, :end], value[:, :, :end]
+
+
+def _restore_staircase(loaded, replay: _Replay, *, rows: list[int], group_mask, traced, t0, clean_out,
+                       corrupted_out, corrupted_from, kv, last, targets, max_rows, into) -> None:
+    """p_restored of every traced layer for one group and the batch's rows `rows` (replayed by
+    `replay`); writes into[layer, row]. corrupted_out holds the corrupted run's layer outputs from
+    position `corrupted_from` on; kv the keys/values the replay attends to before position t0."""
     num_layers = len(clean_out)
-    n_rows = group_mask.shape[0]
-    where = group_mask[:, t0:, None]
-    last_local = last - t0
+    index = None if rows == list(range(group_mask.shape[0])) else torch.tensor(rows, device=group_mask.device)
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x if index is None else x[index]
+
+    n_rows = len(rows)
+    where = pick(group_mask[:, t0:, None])
+    last_local, targets = pick(last) - t0, pick(targets)
+    row_index = torch.tensor(rows, device=group_mask.device)
     per_chunk = max(1, max_rows // n_rows)
     for begin in range(0, len(traced), per_chunk):
         chunk = traced[begin:begin + per_chunk]
@@ -364,20 +523,18 @@ def _restore_staircase(loaded, replay: _Replay, *, group_mask, traced, t0, clean
         state: torch.Tensor | None = None
         for layer in range(chunk[0], num_layers):
             if layer in chunk:
-                patched = torch.where(where, clean_out[layer][:, t0:], corrupted_out[layer][:, t0:])
+                patched = torch.where(where, pick(clean_out[layer][:, t0:]),
+                                      pick(corrupted_out[layer][:, t0 - corrupted_from:]))
                 state = patched if state is None else torch.cat([state, patched])
                 joined.append(layer)
             if layer + 1 < num_layers:
-                prefix = None
-                if t0 > 0:
-                    key, value = kv[layer + 1]
-                    prefix = (_repeat(key[:, :, :t0], 0, len(joined)), _repeat(value[:, :, :t0], 0, len(joined)))
+                prefix = tuple(pick(x) for x in _prefix(kv, layer + 1, t0)) if t0 > 0 else None
                 state = replay.run(layer + 1, state, t0=t0, prefix=prefix)
         blocks = len(joined)
-        index = torch.arange(blocks * n_rows, device=state.device)
-        final = state[index, last_local.repeat(blocks)]
-        probs = _head_probs(loaded, final)[index, targets.repeat(blocks)].view(blocks, n_rows)
-        into[joined] = probs
+        flat = torch.arange(blocks * n_rows, device=state.device)
+        final = state[flat, last_local.repeat(blocks)]
+        probs = _head_probs(loaded, final)[flat, targets.repeat(blocks)].view(blocks, n_rows)
+        into[torch.tensor(joined, device=into.device)[:, None], row_index[None, :]] = probs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def format_summary(model: str, task: str, metrics: dict[str, Any]) -> str:
 
 #: What `vrp-eval run` writes beside the probe's own files (`probe.RUN_FILES`).
 RESULTS_FILE = "results.json"
-PICTURES = ("reliability.png", "trace_heatmap.png", "ie_curves.png", "sharpness_confidence.png")
+PICTURES = ("reliability.png", "trace_heatmap.png", "ie_curves.png", "sharpness_confidence.png", "risk_coverage.png")
 
 
 def write_pictures(output: Path, title: str, metrics: dict[str, Any], details: dict[str, Any],
@@ -95,7 +95,19 @@ def write_pictures(output: Path, title: str, metrics: dict[str, Any], details: d
         written.append(plots.sharpness_scatter([r.sharpness for r in records], [r.confidence for r in records],
                                                [r.score for r in records], output / PICTURES[3],
                                                title=title))
+    if details.get("signal_comparison"):
+        written.append(plots.risk_coverage_curves(details["signal_comparison"], output / PICTURES[4], title=title))
     return written
+
+
+def format_report(model: str, task: str, metrics: dict[str, Any], details: dict[str, Any]) -> str:
+    """The summary table, then the signal comparison when the run has one."""
+    text = format_summary(model, task, metrics)
+    if details.get("signal_comparison"):
+        from vrp_eval.signal_comparison import format_signal_table
+
+        text += "\n\n" + format_signal_table(details["signal_comparison"])
+    return text
 
 
 def _from_lmms(args: argparse.Namespace) -> int:
@@ -111,7 +123,7 @@ def _from_lmms(args: argparse.Namespace) -> int:
     (output / "samples.jsonl").write_text("".join(r.to_json() + "\n" for r in run.records))
     pictures = write_pictures(output, f"{run.config.get('model_name')} on {run.task}", run.metrics, run.details,
                               run.records)
-    print(format_summary(str(run.config.get("model_name")), run.task, run.metrics))
+    print(format_report(str(run.config.get("model_name")), run.task, run.metrics, run.details))
     print(f"\nwrote {output / 'results.json'}, {output / 'samples.jsonl'}, " + ", ".join(str(p) for p in pictures))
     return 0
 
@@ -185,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     write_results(results, output / RESULTS_FILE)
     pictures = write_pictures(output, f"{loaded.model_name} on {task}", report.metrics, report.details,
                               report.records)
-    print(format_summary(loaded.model_name, task, report.metrics))
+    print(format_report(loaded.model_name, task, report.metrics, report.details))
     if report.skipped:
         print(f"skipped {len(report.skipped)} samples whose image did not decode: {report.skipped[:10]}")
     print(f"\nwrote {output / RESULTS_FILE}, {output / 'samples.jsonl'}, " + ", ".join(str(p) for p in pictures))
