@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cpu_threads() -> int:
     """Threads for a CPU run: the CPUs this process may use less those other processes keep busy (the
-    1-minute load average), at least 1. torch's default (every core) oversubscribes a shared machine:
-    a default run took 91 s wall and 143 s CPU with 2 threads beside two busy processes on 2 cores,
-    77.5 s wall and 77 s CPU with 1."""
+    1-minute load average), at least 1. torch's default (every physical core) oversubscribes a shared
+    machine: a default run took 91 s wall and 143 s CPU with 2 threads beside two busy processes on 2
+    cores, 77.5 s wall and 77 s CPU with 1. `vrp-eval run` caps torch's default at this
+    (`commands.run.limit_cpu_threads`); it never raises it."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cpus, round(cpus - busy)))
@@ -69,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     module_name, help_text = COMMANDS[name]
-    if name == "run":  # before torch is imported, which reads it once (OMP_NUM_THREADS set by the user wins)
-        os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads()))
     module = importlib.import_module(module_name)
     command_parser = argparse.ArgumentParser(prog=f"vrp-eval {name}", description=help_text,
                                              epilog="--debug (or VRP_EVAL_DEBUG=1) shows tracebacks of expected errors")

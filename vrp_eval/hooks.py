@@ -14,13 +14,14 @@ attention_mask, scaling=..., dropout=...)` in each attention module. `attention_
 the language model to the registered implementation "vrp" for the duration of a `with` block and
 pushes `AttentionHook`s; the dispatcher lets observers read what they need (for example the one
 query row that predicts the answer) and runs plain SDPA unless a hook modifies the scores or the
-probabilities of that layer, in which case that layer alone runs an eager path. Hooks never outlive
+probabilities of that layer, in which case that layer alone runs an eager path (only for the samples
+the hook changes there, when it names them: `AttentionHook.modified_rows`). Hooks never outlive
 the block: the previous implementation is restored even when the block raises.
 """
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -55,6 +56,12 @@ class AttentionHook:
     def modify_probs(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
         """Post-softmax probabilities (B, H, Tq, Tk)."""
         return probs
+
+    def modified_rows(self, layer: int) -> torch.Tensor | None:
+        """Bool (B,): the samples a modifying hook changes in `layer` (None: all of them). The other
+        samples keep plain SDPA there, and `modify_scores` / `modify_probs` get only these samples'
+        rows, in batch order."""
+        return None
 
 
 class _Scope:
@@ -112,12 +119,29 @@ def vrp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if not any(h.modifies for h in hooks):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    scores = torch.matmul(query, key_full.transpose(2, 3)) * scaling
-    softcap = kwargs.get("softcap")
+    rows = _modified_rows(hooks, layer)
+    if rows is None:
+        return _eager_attention(layer, hooks, query, key_full, value_full, mask, scaling, kwargs.get("softcap"))
+    # Only the samples the hook changes in this layer (one window's block of a stacked knockout) take
+    # the eager path; the others keep plain SDPA's output, bit for bit what a run without the hook gives.
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                       dropout=dropout, **kwargs)
+    index = rows.to(query.device).nonzero().squeeze(1)
+    if len(index):
+        sub_mask = mask if mask is None or mask.shape[0] == 1 else mask[index]
+        changed, _ = _eager_attention(layer, hooks, query[index], key_full[index], value_full[index], sub_mask,
+                                      scaling, kwargs.get("softcap"))
+        output = output.index_copy(0, index, changed)
+    return output, None
+
+
+def _eager_attention(layer: int, hooks: Iterable[AttentionHook], query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None):
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        scores = scores + mask[:, :, :, : key_full.shape[-2]]
+        scores = scores + mask[:, :, :, : key.shape[-2]]
     for hook in hooks:
         scores = hook.modify_scores(layer, scores, mask)
     # At least float32 (bf16 / fp16 scores), and float64 kept: a float64 mask's finfo.min would turn
@@ -125,8 +149,19 @@ def vrp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     for hook in hooks:
         probs = hook.modify_probs(layer, probs)
-    output = torch.matmul(probs, value_full).transpose(1, 2).contiguous()
-    return output, probs
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _modified_rows(hooks: Sequence[AttentionHook], layer: int) -> torch.Tensor | None:
+    """The one modifying hook's `modified_rows(layer)`; None where hooks change every sample."""
+    modifying = [h for h in hooks if h.modifies]
+    rows = [h.modified_rows(layer) for h in modifying]
+    if all(r is None for r in rows):
+        return None
+    if len(modifying) > 1:
+        raise ValueError("a hook that changes only some samples (modified_rows) cannot share a layer with "
+                         "another modifying hook: run them in separate scopes")
+    return rows[0]
 
 
 _registered = False

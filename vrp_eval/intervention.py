@@ -241,38 +241,56 @@ class AttentionKnockout(AttentionHook):
     query_mask, key_mask: (B, T) bool over the prompt. Positions past the prompt (tokens generated
     with a KV cache) are queries when `generated_queries` is True (default: generated tokens are
     non-image queries) and never keys of the blocked group. A query whose every allowed key is
-    blocked keeps its row unchanged (nothing left to attend to)."""
+    blocked keeps its row unchanged (nothing left to attend to).
+
+    row_layers: optional (B, num_layers) bool, the layers in which each sample is knocked out (rows
+    of several windows stacked in one batch); the other samples of a layer keep plain SDPA
+    (`AttentionHook.modified_rows`)."""
 
     modifies = True
 
     def __init__(self, layers: Iterable[int] | None, query_mask: torch.Tensor, key_mask: torch.Tensor,
-                 generated_queries: bool = True):
+                 generated_queries: bool = True, row_layers: torch.Tensor | None = None):
         self.layers = _layer_set(layers)
         self.query_mask = _as_mask(query_mask, "query_mask")
         self.key_mask = _as_mask(key_mask, "key_mask")
         if self.query_mask.shape != self.key_mask.shape:
             raise ValueError(f"query_mask {tuple(self.query_mask.shape)} and key_mask "
                              f"{tuple(self.key_mask.shape)} differ")
+        if row_layers is not None:
+            row_layers = torch.as_tensor(row_layers)
+            if row_layers.ndim != 2 or row_layers.dtype != torch.bool or row_layers.shape[0] != self.query_mask.shape[0]:
+                raise ValueError(f"row_layers must be a ({self.query_mask.shape[0]}, num_layers) bool tensor, got "
+                                 f"{tuple(row_layers.shape)} {row_layers.dtype}")
+        self.row_layers = row_layers
         self.generated_queries = generated_queries
         self.calls = 0
 
-    def blocked(self, q_len: int, k_len: int, device) -> torch.Tensor:
-        """Bool (B, 1, q_len, k_len): the knocked-out edges of a call (queries = the last q_len keys)."""
-        batch, prompt = self.query_mask.shape
+    def modified_rows(self, layer: int) -> torch.Tensor | None:
+        return None if self.row_layers is None else self.row_layers[:, layer]
+
+    def blocked(self, q_len: int, k_len: int, device, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool (B, 1, q_len, k_len): the knocked-out edges of a call (queries = the last q_len keys);
+        with `rows` (bool (B,)) those samples' only."""
+        query_mask, key_mask = self.query_mask, self.key_mask
+        if rows is not None:
+            query_mask, key_mask = query_mask[rows], key_mask[rows]
+        batch, prompt = query_mask.shape
         if k_len < prompt:
             raise ValueError(f"attention over {k_len} keys but the masks cover a {prompt}-token prompt: "
                              "build the knockout from the batch that is run")
         extra = k_len - prompt
-        queries = torch.cat([self.query_mask, torch.full((batch, extra), self.generated_queries)], 1)[:, k_len - q_len:]
-        keys = torch.cat([self.key_mask, torch.zeros(batch, extra, dtype=torch.bool)], 1)
+        queries = torch.cat([query_mask, torch.full((batch, extra), self.generated_queries)], 1)[:, k_len - q_len:]
+        keys = torch.cat([key_mask, torch.zeros(batch, extra, dtype=torch.bool)], 1)
         return (queries[:, None, :, None] & keys[:, None, None, :]).to(device)
 
     def modify_scores(self, layer: int, scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if scores.shape[0] != self.query_mask.shape[0]:
-            raise ValueError(f"attention for {scores.shape[0]} samples but the knockout masks hold "
-                             f"{self.query_mask.shape[0]}")
+        rows = self.modified_rows(layer)
+        expected = self.query_mask.shape[0] if rows is None else int(rows.sum())
+        if scores.shape[0] != expected:
+            raise ValueError(f"attention for {scores.shape[0]} samples but the knockout masks hold {expected}")
         self.calls += 1
-        blocked = self.blocked(scores.shape[2], scores.shape[3], scores.device)
+        blocked = self.blocked(scores.shape[2], scores.shape[3], scores.device, rows)
         allowed = _allowed_keys(scores, attention_mask)
         # Leave rows alone whose every allowed key would be blocked (a softmax over nothing).
         keep = (allowed & ~blocked).any(-1, keepdim=True)

@@ -175,15 +175,15 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
             cost["proxy"] = trace.cost.forward_passes
         seconds["proxy"] = time.perf_counter() - started
     if "circuit" in signals:
-        from vrp_eval.tracing import knockout_answers
+        from vrp_eval.tracing import KNOCKOUT_BATCHES, knockout_answers_per_window
 
         rows = [i for i, r in enumerate(records) if r.half == "discovery"]
         if rows:
             sub = loaded.adapter.select_rows(batch, rows)
             sub_choices = _choices(settings, [examples[row] for row in rows])
-            per_window = [knockout_answers(loaded, sub, window, max_new_tokens=settings.max_new_tokens,
-                                           choices=sub_choices)
-                          for window in state.windows]
+            per_window = knockout_answers_per_window(loaded, sub, state.windows, max_new_tokens=settings.max_new_tokens,
+                                                     choices=sub_choices,
+                                                     max_rows=KNOCKOUT_BATCHES * settings.batch_size)
             for j, row in enumerate(rows):
                 records[row].knockout_scores = [score_output(examples[row], answers[j], settings.mc_scoring)
                                                 for answers in per_window]

@@ -33,7 +33,8 @@ replay calls the model's own decoder-layer modules, so nothing of a family's for
 
 Circuit (the largest-IE window is ill-posed: restoration IE is flat before information leaves a group
 and after it arrives, SPEC 2): `knockout_answers` blocks attention from every non-image query to the
-image keys inside a window of layers and answers again; `choose_circuit` takes the window with the
+image keys inside a window of layers and answers again (`knockout_answers_per_window`: every window
+in one generation, a block of rows per window); `choose_circuit` takes the window with the
 largest accuracy drop on the discovery half; `corrupted_answers` corrupts the image-position hidden
 states read by the window's layers and answers again (held-out half: the circuit and the
 `control_window`). `integration_layer` is the crossover of the mean IE curves.
@@ -540,6 +541,14 @@ def _restore_staircase(loaded, replay: _Replay, *, rows: list[int], group_mask, 
 # --------------------------------------------------------------------------------------------------
 # Knockout circuit, circuit-corrupted runs, integration layer
 # --------------------------------------------------------------------------------------------------
+#: A run's stacked knockouts hold up to this many batches' worth of rows per generation. Stacking
+#: pays only when many windows ride together (on one CPU thread a generation costs about its rows:
+#: 2 windows per generation saved nothing, all 7 of the zoo models 1.16-1.35x;
+#: benchmarks/bench_probe_passes.py); 4 batches hold the ~8 discovery rows x 7 windows of a default
+#: run and keep a deep model's knockout generation within 4x a batch's memory.
+KNOCKOUT_BATCHES = 4
+
+
 def window_width(num_layers: int, window: int | None = None) -> int:
     """The knockout window width: `window` (the probe option), by default a quarter of the decoder
     layers, rounded up."""
@@ -595,6 +604,45 @@ def knockout_answers(loaded, batch, window: Sequence[int], max_new_tokens: int =
     attention blocked inside `window` (first, last)."""
     hook = knockout_hook(loaded.adapter, batch, window)
     return _generate(loaded, batch, [hook, *extra_hooks], max_new_tokens, choices)
+
+
+@torch.no_grad()
+def knockout_answers_per_window(loaded, batch, windows: Sequence[Sequence[int]],
+                                max_new_tokens: int = DEFAULTS["max_new_tokens"],
+                                choices: Sequence[Sequence[str]] | None = None, max_rows: int | None = None,
+                                _one_at_a_time: bool = False) -> list[list[AnswerOutput]]:
+    """`knockout_answers` of every window in `windows` (one list of answers per window).
+
+    The windows' knockouts ride in one generation: the batch's rows are repeated once per window and
+    each block of rows is knocked out in its own window only (`AttentionKnockout.row_layers`). Rows
+    never meet in attention, and outside its window a row keeps plain SDPA, so each block answers as
+    its window alone would (up to the round-off of a wider batch; bit for bit on the zoo tiny-llava),
+    while the generation's fixed costs (one `generate` call, the option scoring, per-step overhead)
+    are paid once for all windows instead of once per window. `max_rows`: the most rows one
+    generation holds (at least one window's; None: every window in one generation), since its memory
+    grows with them. `_one_at_a_time`: one generation per window (the reference the benchmark
+    measures against)."""
+    windows = [_check_window(w, loaded.adapter.num_layers) for w in windows]
+    n = batch["input_ids"].shape[0]
+    per_call = 1 if _one_at_a_time else len(windows) if max_rows is None else max(1, max_rows // n)
+    if per_call < len(windows):
+        return [answers for start in range(0, len(windows), per_call)
+                for answers in knockout_answers_per_window(loaded, batch, windows[start:start + per_call],
+                                                           max_new_tokens, choices)]
+    if len(windows) == 1:
+        return [knockout_answers(loaded, batch, windows[0], max_new_tokens=max_new_tokens, choices=choices)]
+    adapter = loaded.adapter
+    stacked = adapter.select_rows(batch, [row for _ in windows for row in range(n)])
+    row_layers = torch.zeros(len(windows) * n, adapter.num_layers, dtype=torch.bool)
+    for j, (first, last) in enumerate(windows):
+        row_layers[j * n:(j + 1) * n, first:last + 1] = True
+    groups = adapter.position_groups(stacked["input_ids"], stacked["attention_mask"])
+    hook = AttentionKnockout(sorted({layer for first, last in windows for layer in range(first, last + 1)}),
+                             query_mask=groups["all"] & ~groups["image"], key_mask=groups["image"],
+                             generated_queries=True, row_layers=row_layers)
+    answers = _generate(loaded, stacked, [hook], max_new_tokens,
+                        None if choices is None else [c for _ in windows for c in choices])
+    return [answers[j * n:(j + 1) * n] for j in range(len(windows))]
 
 
 @torch.no_grad()

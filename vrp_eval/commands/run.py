@@ -110,6 +110,20 @@ def format_report(model: str, task: str, metrics: dict[str, Any], details: dict[
     return text
 
 
+def limit_cpu_threads() -> int:
+    """torch's CPU threads, capped at the CPUs other processes leave free (`cli.cpu_threads`); a user's
+    OMP_NUM_THREADS or MKL_NUM_THREADS wins. Returns the thread count in use."""
+    import os
+
+    import torch
+
+    from vrp_eval.cli import cpu_threads
+
+    if not os.environ.get("OMP_NUM_THREADS") and not os.environ.get("MKL_NUM_THREADS"):
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cpu_threads())))
+    return torch.get_num_threads()
+
+
 def _from_lmms(args: argparse.Namespace) -> int:
     from vrp_eval.lmms_results import read_lmms_results
     from vrp_eval.results import build_results, write_results
@@ -175,6 +189,7 @@ def main(args: argparse.Namespace) -> int:
     # output folder, the dataset's schema. Errors propagate to the CLI (one line, exit code 2).
     settings = ProbeSettings(**{opt.name: getattr(args, opt.name) for opt in OPTIONS if opt.cli})
     check_device(args.device)
+    limit_cpu_threads()
     prepare_output(output, args.overwrite, resumable=True)
     examples = load_examples(settings.dataset, settings.split, settings.limit)
     check_examples(examples, settings)
