@@ -41,17 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cpu_threads() -> int:
-    """Threads for a CPU run: the CPUs this process may use less those other processes keep busy (the
-    1-minute load average), at least 1. torch's default (every physical core) oversubscribes a shared
-    machine: a default run took 91 s wall and 143 s CPU with 2 threads beside two busy processes on 2
-    cores, 77.5 s wall and 77 s CPU with 1. `vrp-eval run` caps torch's default at this
-    (`commands.run.limit_cpu_threads`); it never raises it."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cpus, round(cpus - busy)))
-
-
 def _debug(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("VRP_EVAL_DEBUG", "").lower() in ("1", "true", "yes", "on")
 
