@@ -1,5 +1,9 @@
-"""Speed of the knockout stage of `vrp-eval run`: every knockout window stacked in one generation
-against one generation per window (the way of 2026-12-01), on the zoo tiny-llava.
+"""Speed of three stages of `vrp-eval run` against the way of 2026-12-01, on the zoo tiny-llava:
+the knockout stage (every knockout window stacked in one generation, against one generation per
+window), the clean prompt pass (the answer's own prefill recorded for the trace, the logit lens
+and the probing features by `CleanCapture`, against answering and then a clean forward of its own)
+and the held-out pass (the circuit's and the control window's corruptions in one generation,
+against one generation each).
 
     .venv/bin/python benchmarks/bench_probe_passes.py                  # ~1 min, 1 thread
     .venv/bin/python benchmarks/bench_probe_passes.py --batches 2 --repeats 1   # seconds
@@ -9,7 +13,12 @@ window of ceil(L/4) layers (7 windows of 2 on the 8-layer model), greedy answers
 up to 4 x 16 rows per stacked generation (`KNOCKOUT_BATCHES`, as a run; `--max-rows` to vary);
 with `--dataset vrp-synth-mc` the options are scored by likelihood instead. Both sides run over the
 same batches in this script (best of `--repeats`, interleaved); the script asserts that they give the
-same answers and probabilities, exactly. Results go to benchmarks/results/probe_passes.json.
+same answers and probabilities, exactly. The clean-pass stage answers each whole batch (greedy, up
+to 8 tokens) and asserts that both ways give the same answers and the same last-position states
+(within float32 round-off). The held-out stage corrupts the held-out half of each batch in the
+default run's circuit (4, 5) and control window (6, 7) (gaussian, scale 3, sigma from the first
+batch; with the sharpness recorder, as a run does) and asserts the same answers. Results go to
+benchmarks/results/probe_passes.json.
 """
 from __future__ import annotations
 
@@ -21,12 +30,18 @@ from pathlib import Path
 
 import torch
 
+from vrp_eval.attention import SharpnessRecorder
 from vrp_eval.data import load_examples
+from vrp_eval.generation import generate_answers
+from vrp_eval.intervention import estimate_sigma
 from vrp_eval.loading import load_model
 from vrp_eval.probe import _batches, _choices, _encode
 from vrp_eval.records import ProbeSettings, half_of
 from vrp_eval.tracing import (
     KNOCKOUT_BATCHES,
+    CleanCapture,
+    clean_run,
+    corrupted_answers_per_window,
     knockout_answers_per_window,
     knockout_windows,
     window_width,
@@ -87,9 +102,73 @@ def main(argv=None) -> int:
           f"{settings.batch_size}): one generation per window {per_window_s / n * 1e3:.1f} ms/sample, stacked "
           f"{stacked_s / n * 1e3:.1f} ms/sample, {result['speedup']:.2f}x, identical answers", flush=True)
 
+    # The clean prompt pass: answer, then a clean forward of its own (2026-12-01), or record the
+    # answer's own prefill. Whole batches, as pass 1 answers them.
+    batches = [_encode(loaded, chunk, settings) for chunk in _batches(examples, settings.batch_size)]
+    n_all = sum(b["input_ids"].shape[0] for b in batches)
+
+    def separate():
+        out = []
+        for batch in batches:
+            answers = generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens)
+            out.append((answers, clean_run(loaded, batch).last_position_states()))
+        return out
+
+    def captured():
+        out = []
+        for batch in batches:
+            with CleanCapture(loaded, batch) as capture:
+                answers = generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens)
+            out.append((answers, capture.run.last_position_states()))
+        return out
+
+    captured()  # warm-up
+    (captured_s, separate_s), (one, two) = timed_pair(captured, separate, args.repeats)
+    for (answers_a, states_a), (answers_b, states_b) in zip(one, two):
+        assert [(a.text, a.token_probs) for a in answers_a] == [(b.text, b.token_probs) for b in answers_b]
+        # float32 round-off: generation numbers a left-padded row's positions from its first token
+        assert float((states_a - states_b).abs().max()) < 1e-4
+    clean = {"model": "tiny-llava", "dataset": args.dataset, "batch_size": settings.batch_size, "samples": n_all,
+             "threads": args.threads, "repeats": args.repeats, "separate_s_per_sample": separate_s / n_all,
+             "captured_s_per_sample": captured_s / n_all, "speedup": separate_s / captured_s,
+             "max_state_difference": max(float((a[1] - b[1]).abs().max()) for a, b in zip(one, two))}
+    print(f"answer + clean pass ({n_all} samples): answer then a clean forward {separate_s / n_all * 1e3:.1f} ms/sample, "
+          f"the answer's prefill recorded {captured_s / n_all * 1e3:.1f} ms/sample, {clean['speedup']:.2f}x, "
+          f"same answers, states within {clean['max_state_difference']:.1e}", flush=True)
+
+    # The held-out pass: circuit and control window, one generation each (2026-12-01) or stacked.
+    sigma = estimate_sigma(loaded, batches[:1])
+    heldout = []
+    for chunk in _batches(examples, settings.batch_size):
+        rows = [i for i, e in enumerate(chunk) if half_of(e.question_id, settings.seed) == "heldout"]
+        heldout.append((_encode(loaded, [chunk[i] for i in rows], settings), _choices(settings, [chunk[i] for i in rows])))
+    n_heldout = sum(b["input_ids"].shape[0] for b, _ in heldout)
+
+    def corrupt(one_at_a_time: bool):
+        return [corrupted_answers_per_window(
+            loaded, batch, [(4, 5), (6, 7)], "gaussian", 3.0, sigma, settings.seed, max_new_tokens=settings.max_new_tokens,
+            choices=choices, observers=lambda b: [SharpnessRecorder.for_batch(loaded.adapter, b)],
+            _one_at_a_time=one_at_a_time) for batch, choices in heldout]
+
+    corrupt(False)  # warm-up
+    (stacked_h, separate_h), (one_h, two_h) = timed_pair(lambda: corrupt(False), lambda: corrupt(True), args.repeats)
+    same_h = all((x.text, x.token_probs, x.option_probs) == (y.text, y.token_probs, y.option_probs)
+                 for a, b in zip(one_h, two_h) for wa, wb in zip(a, b) for x, y in zip(wa, wb))
+    assert all((x.text, x.token_ids) == (y.text, y.token_ids)
+               for a, b in zip(one_h, two_h) for wa, wb in zip(a, b) for x, y in zip(wa, wb))
+    held = {"model": "tiny-llava", "dataset": args.dataset, "batch_size": settings.batch_size,
+            "heldout_samples": n_heldout, "windows": [[4, 5], [6, 7]], "threads": args.threads, "repeats": args.repeats,
+            "separate_s_per_sample": separate_h / n_heldout, "stacked_s_per_sample": stacked_h / n_heldout,
+            "speedup": separate_h / stacked_h, "identical": same_h}
+    print(f"held-out corruptions ({n_heldout} samples): one generation per window {separate_h / n_heldout * 1e3:.1f} "
+          f"ms/sample, stacked {stacked_h / n_heldout * 1e3:.1f} ms/sample, {held['speedup']:.2f}x, same answers"
+          f"{' (probabilities bit-identical)' if same_h else ''}", flush=True)
+
     output = Path(args.output)
     report = json.loads(output.read_text()) if output.exists() else {}
+    report.setdefault("heldout", {})[args.dataset] = held
     report.setdefault("knockout", {})[args.dataset] = result
+    report.setdefault("clean_pass", {})[args.dataset] = clean
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     return 0

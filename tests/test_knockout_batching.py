@@ -38,15 +38,19 @@ def fields(answers):
 
 def probs(answers):
     """(windows, every probability of the block's answers): the options' or the answer tokens'."""
-    return np.array([[p for a in block for p in (a.token_probs if a.option_probs is None else a.option_probs.values())]
-                     for block in answers], dtype=float)
+    return np.array([block_probs(block) for block in answers], dtype=float)
+
+
+def block_probs(block):
+    return [p for a in block for p in (a.token_probs if a.option_probs is None else a.option_probs.values())]
 
 
 def assert_same_answers(stacked, one):
     """The same answers and, up to the round-off of a wider batch (CPU matmuls sum in another order
     for another row count), the same probabilities."""
     assert fields(stacked) == fields(one)
-    np.testing.assert_allclose(probs(stacked), probs(one), rtol=0, atol=TOLERANCE)
+    for a, b in zip(stacked, one):
+        np.testing.assert_allclose(block_probs(a), block_probs(b), rtol=0, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("choices", [None, CHOICES], ids=["greedy", "options"])
@@ -117,3 +121,55 @@ def test_stacked_knockouts_find_the_planted_circuit():
     circuit = windows.index(planted_circuit.CIRCUIT)
     assert scores[:, circuit].mean() <= 0.4  # chance is 0.25; every other window keeps the answer
     assert all(scores[:, j].mean() >= 0.9 for j in range(len(windows)) if j != circuit)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "mean", "zero"])
+@pytest.mark.parametrize("choices", [None, CHOICES], ids=["greedy", "options"])
+def test_stacked_held_out_corruptions_equal_one_window_at_a_time(loaded, batch, kind, choices):
+    """The held-out pass's circuit and control corruptions in one generation
+    (`corrupted_answers_per_window`) answer as one generation per window does, and a sharpness recorder
+    on the stacked batch reads the circuit block as a recorder on the circuit's own generation does.
+    Each row draws its own noise, so the block's neighbours do not change it."""
+    from vrp_eval.attention import SharpnessRecorder
+    from vrp_eval.intervention import estimate_sigma
+    from vrp_eval.tracing import corrupted_answers_per_window
+
+    sigma = estimate_sigma(loaded, [batch]) if kind == "gaussian" else None
+    scale = 3.0 if kind == "gaussian" else 0.0
+    windows = [(1, 2), (3, 3)]  # a circuit and its control window
+    recorders = {}
+
+    def observers(key):
+        def make(stacked):
+            recorders.setdefault(key, []).append(SharpnessRecorder.for_batch(loaded.adapter, stacked))
+            return recorders[key][-1:]
+        return make
+
+    one = corrupted_answers_per_window(loaded, batch, windows, kind, scale, sigma, seed=5, max_new_tokens=4,
+                                       choices=choices, observers=observers("one"), _one_at_a_time=True)
+    stacked = corrupted_answers_per_window(loaded, batch, windows, kind, scale, sigma, seed=5, max_new_tokens=4,
+                                           choices=choices, observers=observers("stacked"))
+    assert_same_answers(stacked, one)
+    # The windows answer differently (a block corrupted in the other's window fails).
+    assert fields(one)[0] != fields(one)[1] or \
+        np.abs(np.subtract(block_probs(one[0]), block_probs(one[1]))).max() > 100 * TOLERANCE
+    swapped = corrupted_answers_per_window(loaded, batch, windows[::-1], kind, scale, sigma, seed=5,
+                                           max_new_tokens=4, choices=choices)
+    assert_same_answers(swapped, one[::-1])
+    n = batch["input_ids"].shape[0]
+    split = corrupted_answers_per_window(loaded, batch, windows, kind, scale, sigma, seed=5, max_new_tokens=4,
+                                         choices=choices, max_rows=2 * n - 1)  # one window per generation
+    assert_same_answers(split, one)
+    (circuit_alone, _), (both,) = recorders["one"], recorders["stacked"]
+    for a, b in zip(circuit_alone.signals(), both.signals()[:n]):
+        assert a.sharpness == pytest.approx(b.sharpness, abs=TOLERANCE)
+        np.testing.assert_allclose(a.sharpness_per_layer, b.sharpness_per_layer, rtol=0, atol=TOLERANCE)
+
+
+def test_a_stacked_generation_holds_one_batch_on_an_accelerator():
+    """On the CPU a run stacks up to KNOCKOUT_BATCHES batches' rows per generation (measured to pay);
+    on an accelerator one batch, so that stacking never raises a run's peak memory above answering."""
+    from vrp_eval.tracing import KNOCKOUT_BATCHES, stack_rows
+
+    assert stack_rows("cpu", 16) == KNOCKOUT_BATCHES * 16 == 64
+    assert stack_rows(torch.device("cuda", 0), 16) == stack_rows("mps", 16) == 16

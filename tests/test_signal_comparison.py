@@ -256,12 +256,14 @@ def test_a_run_reports_the_table_costs_and_the_picture(tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     heldout = [s for s in samples if s["half"] == "heldout"]
     assert table["n"] == len(heldout) > 10
-    # Costs come from where the work is counted: the engine's own counter for tracing (> 1 pass),
-    # 3 for a forward + backward, 1 for the shared last-position forward.
-    assert rows["gradient_saliency"]["passes"] == 3.0 and rows["probing_classifier"]["passes"] == 1.0
+    # Costs beyond answering come from where the work is counted: the engine's own counter for
+    # tracing (> 1 pass), 3 for a forward + backward, 0 for the states read from the answer's own
+    # prompt pass (the logit lens and the probe).
+    assert rows["gradient_saliency"]["passes"] == 3.0
+    assert rows["probing_classifier"]["passes"] == rows["logit_lens_margin"]["passes"] == 0.0
     assert rows["ie_circuit"]["passes"] == pytest.approx(np.mean([s["cost"]["tracing"] for s in heldout]), rel=1e-12)
     assert rows["ie_circuit"]["passes"] > 2.0
-    assert rows["p_clean_minus_corrupted"]["passes"] == 1.0 + 5  # clean + K=5 corrupted prompt passes
+    assert rows["p_clean_minus_corrupted"]["passes"] == 5.0  # K=5 corrupted prompt passes (the clean one is the answer's)
     assert all(math.isfinite(rows[n]["auroc"]) for n in rows)
     assert 0 <= table["probing"]["layer"] < 8
     assert (out / "risk_coverage.png").stat().st_size > 10_000

@@ -75,6 +75,74 @@ def test_one_clean_pass_feeds_the_logit_lens_and_the_trace(traced):
     assert [r.to_dict() for r in shared] == [r.to_dict() for r in alone]
 
 
+@pytest.mark.parametrize("answering", ["generate", "likelihood"])
+def test_the_answers_prefill_is_the_clean_pass(traced, answering):
+    """`CleanCapture` records the answer's own prompt pass (a generation's prefill, or the first step
+    of likelihood scoring) while it runs, with an attention recorder active: the generation is the
+    one without a capture, and the trace, the proxy and the logit lens read the same numbers from it
+    as from a clean forward of their own (Qwen2-VL's rotary offsets, PaliGemma's prefix mask and the
+    recorded keys/values included). Only the cost differs: the shared clean pass is the answer's."""
+    from vrp_eval.attention import SharpnessRecorder
+    from vrp_eval.generation import option_answers
+    from vrp_eval.hooks import attention_hooks
+    from vrp_eval.proxy import proxy_trace_batch
+    from vrp_eval.tracing import CleanCapture
+
+    loaded, batch, targets, sigma = traced
+    choices = [["red", "blue"], ["yes", "no", "0"], ["2", "green"]]
+
+    def answer():
+        if answering == "likelihood":
+            return option_answers(loaded, batch, choices)
+        return generate_answers(loaded, batch, max_new_tokens=3)
+
+    plain = answer()
+    recorder = SharpnessRecorder.for_batch(loaded.adapter, batch)
+    with CleanCapture(loaded, batch) as capture, attention_hooks(loaded.adapter, recorder):
+        captured = answer()
+    assert [(a.text, a.token_probs) for a in captured] == [(a.text, a.token_probs) for a in plain]
+    shared = capture.run
+    assert shared.from_answer and len(recorder.log_attention) == loaded.adapter.num_layers
+    with CleanCapture(loaded, batch, last_only=True) as last_only:  # what the logit lens alone keeps
+        answer()
+    assert torch.equal(last_only.last_position_states(), shared.last_position_states())
+    with pytest.raises(ValueError, match="last positions only"):
+        _ = last_only.run
+    own = clean_run(loaded, batch)
+    # The answer's prefill and a plain forward run the same layers on the same inputs; generate's
+    # cached path may pick other kernels, so float32 round-off (FLOAT32_PROB_ATOL's reasoning).
+    torch.testing.assert_close(shared.last_position_states(), own.last_position_states(), atol=1e-5, rtol=0)
+    if own.kv is not None:
+        # Keys after the rotary embedding: generation numbers a left-padded row's positions from its
+        # first real token, a plain forward from the padding, so only the unpadded rows' keys are
+        # equal (attention reads relative positions: the states above agree on every row).
+        assert sorted(shared.kv) == sorted(own.kv) == list(range(loaded.adapter.num_layers))
+        full = batch["attention_mask"].bool().all(1)
+        assert full.any() and not full.all()
+        for layer in own.kv:
+            for a, b in zip(shared.kv[layer], own.kv[layer]):
+                torch.testing.assert_close(a[full], b[full], atol=1e-5, rtol=0)
+    else:
+        assert shared.kv is None and loaded.adapter.bidirectional_prefix
+    settings = TraceSettings(kind="gaussian", scale=3.0, n_noise=2, seed=2)
+    from_answer = trace_batch(loaded, batch, targets, settings, sigma, clean=shared)
+    alone = trace_batch(loaded, batch, targets, settings, sigma, clean=own)
+    assert max(abs(v) for r in alone for v in r.ie["image"]) > 0.02
+    for new, old in zip(from_answer, alone):
+        assert new.p_clean == pytest.approx(old.p_clean, abs=FLOAT32_PROB_ATOL)
+        np.testing.assert_allclose(new.p_corrupted_samples, old.p_corrupted_samples, atol=FLOAT32_PROB_ATOL, rtol=0)
+        for group in settings.groups:
+            np.testing.assert_allclose(new.ie[group], old.ie[group], atol=FLOAT32_PROB_ATOL, rtol=0)
+        # The clean pass is counted once, by the answer.
+        assert new.cost.forward_passes == pytest.approx(old.cost.forward_passes - 1.0, abs=1e-12)
+    proxy_shared = proxy_trace_batch(loaded, batch, targets, settings, sigma, clean=shared)
+    proxy_alone = proxy_trace_batch(loaded, batch, targets, settings, sigma)
+    for new, old in zip(proxy_shared, proxy_alone):
+        for group in settings.groups:
+            np.testing.assert_allclose(new.ie[group], old.ie[group], atol=FLOAT32_PROB_ATOL, rtol=0)
+        assert new.cost.forward_passes == old.cost.forward_passes - 1.0
+
+
 @pytest.mark.parametrize("questions", [
     ("what color is the circle left of the red square?", "what color is the circle left of the red blue square?"),
     ("what color is the circle left of the red square?", "what color is the circle left of the red blue square?",

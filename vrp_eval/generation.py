@@ -130,6 +130,14 @@ class _ForceTokens:
         return out.scatter_(1, forced[:, None], 0.0)
 
 
+def _eos_padded(adapter, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, S): each row's tokens, padded with EOS to the longest row (what `_ForceTokens` writes)."""
+    targets = torch.full((len(rows), max(len(row) for row in rows)), adapter.eos_token_ids[0], dtype=torch.long)
+    for r, row in enumerate(rows):
+        targets[r, :len(row)] = torch.tensor(row)
+    return targets
+
+
 def _raw_logprobs(loaded: LoadedModel, inputs: dict[str, Any], steps: int, targets: torch.Tensor | None
                   ) -> torch.Tensor:
     """(B, steps, V) log-probabilities from the raw logits of `steps` generation steps, writing
@@ -176,13 +184,9 @@ def option_answers(loaded: LoadedModel, batch, choices: Sequence[Sequence[str]])
         longer = [r for r, row in enumerate(ids) if j < len(row) and len(row[j]) > 1]
         if not longer:
             continue
-        steps = max(len(ids[r][j]) for r in longer)
-        # Rows without a long j-th option write their first option (ignored), padded by EOS.
-        targets = torch.full((len(ids), steps), adapter.eos_token_ids[0], dtype=torch.long)
-        for r, row in enumerate(ids):
-            option = row[j] if r in longer else row[0][:1]
-            targets[r, :len(option)] = torch.tensor(option)
-        logprobs = _raw_logprobs(loaded, inputs, steps, targets)
+        # Rows without a long j-th option write their first option's first token (ignored).
+        targets = _eos_padded(adapter, [row[j] if r in longer else row[0][:1] for r, row in enumerate(ids)])
+        logprobs = _raw_logprobs(loaded, inputs, targets.shape[1], targets)
         for r in longer:
             option = ids[r][j]
             token_logprobs[r][j] = [float(logprobs[r, s, option[s]]) for s in range(len(option))]
@@ -212,11 +216,8 @@ def continuation_loglikelihoods(loaded: LoadedModel, batch, continuations: Seque
     if len(continuations) != inputs["input_ids"].shape[0]:
         raise ValueError(f"{len(continuations)} continuations for a batch of {inputs['input_ids'].shape[0]} samples")
     ids = [_option_token_ids(adapter.tokenizer, text) for text in continuations]
-    steps = max(len(row) for row in ids)
-    targets = torch.full((len(ids), steps), adapter.eos_token_ids[0], dtype=torch.long)
-    for r, row in enumerate(ids):
-        targets[r, :len(row)] = torch.tensor(row)
-    logprobs = _raw_logprobs(loaded, inputs, steps, targets)
+    targets = _eos_padded(adapter, ids)
+    logprobs = _raw_logprobs(loaded, inputs, targets.shape[1], targets)
     out = []
     for r, row in enumerate(ids):
         picked = logprobs[r, torch.arange(len(row)), torch.tensor(row)]

@@ -73,9 +73,21 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
         hooks.append(recorder)
     seconds: dict[str, float] = {}  # per signal, for the batch (added to the run's `state.seconds`)
     cost: dict[str, float] = {}  # per signal, forward-pass equivalents per sample (counted)
+    # One clean prompt pass per batch: the answer's own prefill feeds the sharpness recorder, the logit
+    # lens, the probing features, the trace and the proxy (`CleanCapture` records it while answering).
+    capture = clean = None
+    if signals & {"logit_lens", "probing", "tracing", "proxy"}:
+        from vrp_eval.tracing import CleanCapture
+
+        # The trace and the proxy replay the whole pass (the trace over its keys/values); the logit
+        # lens and the probe read the last positions only.
+        replayed = bool(signals & {"tracing", "proxy"})
+        capture = CleanCapture(loaded, batch, kv=None if "tracing" in signals else False, last_only=not replayed)
     started = time.perf_counter()
-    outputs = _generate(loaded, batch, settings, examples, hooks)
+    outputs = _generate(loaded, batch, settings, examples, hooks, capture)
     seconds["answer"] = time.perf_counter() - started
+    if capture is not None and not capture.last_only:
+        clean = capture.run
     records = []
     for example, output in zip(examples, outputs):
         score = score_output(example, output, settings.mc_scoring)
@@ -108,21 +120,11 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
 
         for record, output in zip(records, outputs):
             record.token_confidence = token_confidence(output.token_probs)
-    hidden = clean = None
-    if signals & {"logit_lens", "probing"}:  # one prompt forward feeds both (1 pass each would need alone)
-        from vrp_eval.companions import last_position_states
-
-        started = time.perf_counter()
-        if "tracing" in signals:  # the trace's clean pass serves them: one clean prompt pass for all three
-            from vrp_eval.tracing import clean_run
-
-            clean = clean_run(loaded, batch)
-            hidden = clean.last_position_states()
-        else:
-            hidden = last_position_states(loaded, batch)
-        shared = time.perf_counter() - started
+    hidden = None
+    if signals & {"logit_lens", "probing"}:  # read from the answer's prefill: no pass of their own
+        hidden = capture.last_position_states()
         for name in signals & {"logit_lens", "probing"}:
-            seconds[name], cost[name] = shared, 1.0
+            seconds[name], cost[name] = 0.0, 0.0
     if "logit_lens" in signals:
         from vrp_eval.companions import logit_lens_margin, reference_token_id
 
@@ -169,13 +171,13 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
 
         started = time.perf_counter()
         for record, trace in zip(records, proxy_trace_batch(loaded, batch, target_ids, _trace_settings(settings),
-                                                            state.sigma)):
+                                                            state.sigma, clean=clean)):
             record.ie_proxy, record.p_corrupted_proxy = trace.ie, trace.p_corrupted
             record.p_clean = trace.p_clean if record.p_clean is None else record.p_clean
             cost["proxy"] = trace.cost.forward_passes
         seconds["proxy"] = time.perf_counter() - started
     if "circuit" in signals:
-        from vrp_eval.tracing import KNOCKOUT_BATCHES, knockout_answers_per_window
+        from vrp_eval.tracing import knockout_answers_per_window, stack_rows
 
         rows = [i for i, r in enumerate(records) if r.half == "discovery"]
         if rows:
@@ -183,7 +185,7 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
             sub_choices = _choices(settings, [examples[row] for row in rows])
             per_window = knockout_answers_per_window(loaded, sub, state.windows, max_new_tokens=settings.max_new_tokens,
                                                      choices=sub_choices,
-                                                     max_rows=KNOCKOUT_BATCHES * settings.batch_size)
+                                                     max_rows=stack_rows(loaded.device, settings.batch_size))
             for j, row in enumerate(rows):
                 records[row].knockout_scores = [score_output(examples[row], answers[j], settings.mc_scoring)
                                                 for answers in per_window]
@@ -197,24 +199,24 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
 
 def heldout_batch(loaded: LoadedModel, examples: list[Example], records: list[SampleRecord],
                   settings: ProbeSettings, state: EngineState) -> None:
-    """Pass 2 for held-out samples: corrupt the image states inside the circuit (and the control window)."""
-    from vrp_eval.tracing import corrupted_answers
+    """Pass 2 for held-out samples: corrupt the image states inside the circuit (and the control window),
+    both in one generation (`corrupted_answers_per_window`)."""
+    from vrp_eval.tracing import corrupted_answers_per_window, stack_rows
 
     batch = _encode(loaded, examples, settings)
-    hooks = []
-    recorder = None
+    recorders = []
+    observers = None
     if set(settings.signals) & {"attention", "structural"}:
         from vrp_eval.attention import SharpnessRecorder
 
-        recorder = SharpnessRecorder.for_batch(loaded.adapter, batch)
-        hooks.append(recorder)
-    choices = _choices(settings, examples)
-    corrupted = corrupted_answers(loaded, batch, state.circuit, settings.noise, settings.noise_scale, state.sigma,
-                                  settings.seed, extra_hooks=hooks, max_new_tokens=settings.max_new_tokens,
-                                  choices=choices)
-    control = corrupted_answers(loaded, batch, state.control, settings.noise, settings.noise_scale, state.sigma,
-                                settings.seed, max_new_tokens=settings.max_new_tokens, choices=choices)
-    sharp = recorder.signals() if recorder is not None else [None] * len(records)
+        def observers(stacked):  # sharpness under the circuit's corruption: the first block's rows
+            recorders.append(SharpnessRecorder.for_batch(loaded.adapter, stacked))
+            return recorders[-1:]
+    corrupted, control = corrupted_answers_per_window(
+        loaded, batch, [state.circuit, state.control], settings.noise, settings.noise_scale, state.sigma,
+        settings.seed, observers=observers, max_new_tokens=settings.max_new_tokens, choices=_choices(settings, examples),
+        max_rows=stack_rows(loaded.device, settings.batch_size))
+    sharp = recorders[0].signals()[:len(records)] if recorders else [None] * len(records)
     for example, record, c, k, sig in zip(examples, records, corrupted, control, sharp):
         record.corrupted_answer, record.corrupted_score = c.text, score_output(example, c, settings.mc_scoring)
         record.control_answer, record.control_score = k.text, score_output(example, k, settings.mc_scoring)
@@ -229,7 +231,11 @@ def _choices(settings: ProbeSettings, examples: list[Example]) -> list[list[str]
     return [list(e.choices) for e in examples]
 
 
-def _generate(loaded, batch, settings, examples, hooks):
+def _generate(loaded, batch, settings, examples, hooks, capture=None):
+    """The batch's answers, with `hooks` (attention recorders) active and `capture` (a `CleanCapture`)
+    recording the prompt pass."""
+    from contextlib import ExitStack
+
     from vrp_eval.generation import option_answers
 
     choices = _choices(settings, examples)
@@ -240,11 +246,13 @@ def _generate(loaded, batch, settings, examples, hooks):
         return generate_answers(loaded, batch, max_new_tokens=settings.max_new_tokens,
                                 option_letters=[e.option_letters for e in examples])
 
-    if not hooks:
-        return answer()
-    from vrp_eval.hooks import attention_hooks
+    with ExitStack() as stack:
+        if capture is not None:
+            stack.enter_context(capture)
+        if hooks:
+            from vrp_eval.hooks import attention_hooks
 
-    with attention_hooks(loaded.adapter, *hooks):
+            stack.enter_context(attention_hooks(loaded.adapter, *hooks))
         return answer()
 
 

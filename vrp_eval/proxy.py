@@ -28,7 +28,7 @@ p_clean - p_corrupted, a tangent misses the softmax's curvature.
 The same corruption as the exact engine: `EmbeddingCorruption` with the run's kind, scale, sigma and
 seed, noise samples k = 0..K'-1 (`noise_index`), so p_corrupted of noise sample k is the exact
 engine's noise sample k. K' = `PROXY_NOISE_SAMPLES` (1) by default: `proxy_cost(1, "midpoint")` = 5
-forward-pass equivalents per sample (1 clean + 1 corrupted + 1 midpoint forward + a backward counted
+forward-pass equivalents per sample (1 clean, none when given the answer's prompt pass, + 1 corrupted + 1 midpoint forward + a backward counted
 as 2 forwards, though a backward that needs no weight gradients does about one forward's matrix
 products), whatever the depth. The exact engine's cost grows with the layers and the positions after
 the image (measured at K = 5: 17-18 on the 8-layer causal zoo models, 58.5 under PaliGemma's
@@ -52,6 +52,7 @@ import torch
 from vrp_eval.hooks import HookScope
 from vrp_eval.intervention import EmbeddingCorruption, NoiseScale
 from vrp_eval.tracing import (
+    CleanRun,
     TraceCost,
     TraceResult,
     TraceSettings,
@@ -74,12 +75,12 @@ PROXY_NOISE_SAMPLES = 1
 BACKWARD_PASSES = 2
 
 
-def proxy_cost(n_noise: int, linearisation: str = DEFAULT_LINEARISATION) -> TraceCost:
-    """Forward-pass equivalents per sample: 1 clean forward + per noise sample 1 corrupted forward
-    and 1 backward (`midpoint`: and 1 forward more). `naive_forward_passes` is 0: there is no naive
-    version of the proxy."""
+def proxy_cost(n_noise: int, linearisation: str = DEFAULT_LINEARISATION, clean_pass: bool = True) -> TraceCost:
+    """Forward-pass equivalents per sample: 1 clean forward (`clean_pass`; none when the clean run was
+    the answer's prefill) + per noise sample 1 corrupted forward and 1 backward (`midpoint`: and 1
+    forward more). `naive_forward_passes` is 0: there is no naive version of the proxy."""
     per_noise = 1 + BACKWARD_PASSES + (1 if linearisation == "midpoint" else 0)
-    return TraceCost(forward_passes=float(1 + n_noise * per_noise), naive_forward_passes=0)
+    return TraceCost(forward_passes=float(int(clean_pass) + n_noise * per_noise), naive_forward_passes=0)
 
 
 #: One sample's proxy trace has the exact trace's shape (`ie`: {group: [IE per layer]}), so every reader
@@ -90,11 +91,13 @@ ProxyResult = TraceResult
 @torch.no_grad()
 def proxy_trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSettings | None = None,
                       sigma: NoiseScale | None = None, n_noise: int | None = PROXY_NOISE_SAMPLES,
-                      linearisation: str = DEFAULT_LINEARISATION) -> list[ProxyResult]:
+                      linearisation: str = DEFAULT_LINEARISATION, *, clean: CleanRun | None = None
+                      ) -> list[ProxyResult]:
     """Attribution-patching estimates of `trace_batch`'s IE for an encoded batch; one `ProxyResult` per
     sample. `settings` and `sigma` as for `trace_batch`; `n_noise`: noise samples k = 0..n_noise-1
     (at most `settings.noise_samples()`; None: all of them, like-for-like with the exact engine).
-    linearisation: where the gradient is taken (`LINEARISATIONS`)."""
+    linearisation: where the gradient is taken (`LINEARISATIONS`). clean: the batch's `CleanRun` when
+    the caller has one (the answer's prefill, or `tracing.clean_run`); else the proxy makes its own."""
     if linearisation not in LINEARISATIONS:
         raise ValueError(f"unknown linearisation {linearisation!r}; choose one of {', '.join(LINEARISATIONS)}")
     if n_noise is not None and n_noise < 1:
@@ -105,12 +108,14 @@ def proxy_trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceS
     k_total = settings.noise_samples() if n_noise is None else min(int(n_noise), settings.noise_samples())
 
     n_rows, device = len(targets), loaded.device
-    inputs = loaded.model_inputs(batch)
     length = masks["all"].shape[1]
     rows = torch.arange(n_rows, device=device)
     last = masks["last"].int().argmax(1)
 
-    lm_call, calls, clean_out = _clean_capture(loaded, inputs)
+    if clean is not None:  # the answer's prefill (`CleanCapture`) or the exact trace's clean run
+        lm_call, calls, clean_out = clean.lm_call, clean.calls, clean.outputs
+    else:
+        lm_call, calls, clean_out, _ = _clean_capture(loaded, loaded.model_inputs(batch))
     replay = _Replay(adapter, calls, n_rows, length)
     p_clean = _head_probs(loaded, clean_out[-1][rows, last])[rows, targets]
     # As in the exact engine: in a causal decoder a position before the row's first image token never
@@ -150,7 +155,7 @@ def proxy_trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceS
     mean_ie = {g: v.mean(0) for g, v in ie.items()}  # (L, B)
     for value in mean_ie.values():
         value[untraced] = float("nan")
-    cost = proxy_cost(k_total, linearisation)
+    cost = proxy_cost(k_total, linearisation, clean_pass=clean is None or not clean.from_answer)
     return [ProxyResult(target_id=int(targets[row]), p_clean=float(p_clean[row]),
                         p_corrupted=float(p_corrupted[:, row].mean()),
                         ie={g: [float(v) for v in mean_ie[g][:, row]] for g in settings.groups},

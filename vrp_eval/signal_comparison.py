@@ -196,7 +196,7 @@ def compare_signals(records: Sequence[SampleRecord], *, circuit: Sequence[int] |
     """The signal table of a run's records (None when the held-out half has fewer than 2 samples).
 
     `circuit`: the run's circuit (first, last layer), for the IE-at-the-circuit signal; `n_noise`: K,
-    for the cost of p_clean - p_corrupted (one clean and K corrupted prompt passes);
+    for the cost of p_clean - p_corrupted (K corrupted prompt passes; the clean one is the answer's);
     `seconds_per_sample`: measured wall seconds per signal (`EngineState.seconds_per_sample`). A signal that is
     missing on any held-out sample is left out of the table (`left_out` says why), so every row is
     scored on the very same samples."""
@@ -244,7 +244,8 @@ def compare_signals(records: Sequence[SampleRecord], *, circuit: Sequence[int] |
             low, high = bootstrap_ci(lambda idx, w=wrongness: _spearman_rows(w, over, idx), n,
                                      n_bootstrap=n_bootstrap, seed=seed, what=f"spearman of {spec.name}")
         if spec.cost_key == "p_gap":
-            passes = 1.0 + n_noise if any(r.p_clean is not None for r in heldout) else None
+            # K corrupted prompt passes; the clean one is the answer's own prefill
+            passes = float(n_noise) if any(r.p_clean is not None for r in heldout) else None
             seconds = None  # part of the trace's seconds
         else:
             passes = _mean_cost(heldout, spec.cost_key)

@@ -9,8 +9,8 @@ Per sample, `trace_batch` measures
                  layer l's output at the positions of group G (image / text / last) set to its clean
                  value (mean over the K noise samples).
 
-The restoration sweep recomputes only what a restoration can change. One clean forward (`clean_run`,
-which the logit lens and the probing features share) records each decoder layer's call (its keyword
+The restoration sweep recomputes only what a restoration can change. One clean prompt pass (in a run
+the answer's own, recorded by `CleanCapture` while it generates; `clean_run` makes one alone) records each decoder layer's call (its keyword
 arguments: attention mask, rotary embeddings, ...), output and keys/values; the corrupted run
 replays the decoder layers from the corrupted embeddings, recording each layer's output and
 keys/values. Restoring layer l leaves layers 0..l untouched, so the restored run only replays
@@ -42,7 +42,8 @@ states read by the window's layers and answers again (held-out half: the circuit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,50 +235,152 @@ def _head_probs(loaded, hidden_last: torch.Tensor) -> torch.Tensor:
     return loaded.adapter.head_logits(hidden_last, _prob_dtype(loaded)).softmax(-1)
 
 
-@torch.no_grad()
-def _clean_capture(loaded, inputs: dict[str, Any], kv: dict | None = None):
-    """The clean forward: the language model's call, each decoder layer's call (positional args after
-    the hidden states, keyword args) and output. `kv`: filled with each layer's keys/values (layers
-    that take a cache argument), the prefix a replay over later positions attends to."""
-    adapter = loaded.adapter
-    lm_call: dict[str, Any] = {}
-    calls: list[Any] = [None] * adapter.num_layers
-    outputs: list[Any] = [None] * adapter.num_layers
+class _RecordingCache:
+    """A transformers Cache seen through one decoder-layer call: updates go to the real cache (a
+    generation goes on with it) and the call's keys/values, every prompt position's, are recorded."""
 
-    def lm_hook(module, args, kwargs):
-        lm_call.setdefault("call", (args, dict(kwargs)))
+    def __init__(self, inner, record: dict):
+        self.inner, self.record = inner, record
 
-    def pre_hook(index):
-        def hook(module, args, kwargs):
-            calls[index] = (tuple(args[1:]), dict(kwargs))
-            cache_key = next((k for k in _CACHE_KWARGS if k in kwargs), None)
-            if kv is not None and cache_key is not None and kwargs[cache_key] is None:
-                return args, {**kwargs, cache_key: _ReplayCache(record=kv)}
-            return None
-        return hook
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.inner.update(key_states, value_states, layer_idx, *args, **kwargs)
+        # Copies: a cache may write its later steps into the same storage.
+        self.record[layer_idx] = (keys.clone(), values.clone())
+        return keys, values
 
-    def out_hook(index):
-        def hook(module, args, output):
-            outputs[index] = hidden_of(output)
-        return hook
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    with HookScope() as scope:
-        scope.on_input(adapter.language_model, lm_hook)
+
+class CleanCapture(HookScope):
+    """Records the clean prompt pass of an encoded batch while the model runs it for something else:
+    inside the block, the first call of the language model and of each decoder layer is recorded (a
+    `generate` call's prefill; its one-token decoding steps are not), so the answer's own prompt pass
+    is the one clean pass that the trace, the logit lens and the probing features read. The recorded
+    calls keep no cache (the replay brings its own). After the block, `run` is the `CleanRun`.
+
+        with CleanCapture(loaded, batch) as capture, attention_hooks(adapter, recorder):
+            answers = generate_answers(loaded, batch)
+        clean = capture.run
+
+    kv: record each layer's keys/values (default: in a causal decoder, where the trace replays over
+    them). last_only: keep only each layer's state at each sample's last prompt position (what the
+    logit lens and the probing features read: `last_position_states()`), not the whole pass, whose
+    every state of every layer a 7B model holds in gigabytes; there is then no `run`.
+    """
+
+    def __init__(self, loaded, batch=None, *, kv: bool | None = None, last_only: bool = False):
+        super().__init__()
+        self.loaded, self.batch, self.last_only = loaded, batch, last_only
+        adapter = loaded.adapter
+        record_kv = (not adapter.bidirectional_prefix) if kv is None else kv
+        self.kv: dict | None = {} if record_kv and not last_only else None
+        self.lm_call: dict[str, Any] = {}
+        self.calls: list[Any] = [None] * adapter.num_layers
+        self.outputs: list[Any] = [None] * adapter.num_layers
+        self.last = None
+        if batch is not None:
+            groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
+            self.last = groups["last"].int().argmax(1).to(loaded.device)
+        elif last_only:
+            raise ValueError("CleanCapture(last_only=True) needs the batch, to know each sample's last position")
+
+    def _install(self) -> None:
+        adapter, kv, calls, outputs = self.loaded.adapter, self.kv, self.calls, self.outputs
+        if self.last_only:
+            rows = torch.arange(self.last.shape[0], device=self.last.device)
+
+            def keep_last(index):
+                def hook(module, args, output):
+                    if outputs[index] is None:
+                        hidden = hidden_of(output)
+                        outputs[index] = hidden[rows.to(hidden.device), self.last.to(hidden.device)]
+                return hook
+
+            for i, layer in enumerate(adapter.decoder_layers):
+                self.on_output(layer, keep_last(i))
+            return
+
+        def lm_hook(module, args, kwargs):
+            if "call" not in self.lm_call:
+                kept = dict(kwargs)
+                for name in _CACHE_KWARGS:
+                    if name in kept:
+                        kept[name] = None
+                if "use_cache" in kept:
+                    kept["use_cache"] = False
+                self.lm_call["call"] = (args, kept)
+
+        def pre_hook(index):
+            def hook(module, args, kwargs):
+                if calls[index] is not None:
+                    return None  # a decoding step after the prompt pass
+                cache_key = next((k for k in _CACHE_KWARGS if k in kwargs), None)
+                calls[index] = (tuple(args[1:]), {**kwargs, cache_key: None} if cache_key else dict(kwargs))
+                if kv is None or cache_key is None:
+                    return None
+                inner = kwargs[cache_key]
+                cache = _ReplayCache(record=kv) if inner is None else _RecordingCache(inner, kv)
+                return args, {**kwargs, cache_key: cache}
+            return hook
+
+        def out_hook(index):
+            def hook(module, args, output):
+                if outputs[index] is None:
+                    outputs[index] = hidden_of(output)
+            return hook
+
+        self.on_input(adapter.language_model, lm_hook)
         for i, layer in enumerate(adapter.decoder_layers):
-            scope.on_input(layer, pre_hook(i))
-            scope.on_output(layer, out_hook(i))
+            self.on_input(layer, pre_hook(i))
+            self.on_output(layer, out_hook(i))
+
+    def calls_made(self):
+        """(language-model call, decoder-layer calls, decoder-layer outputs) of the recorded pass."""
+        if "call" not in self.lm_call or any(c is None for c in self.calls) or any(o is None for o in self.outputs):
+            raise RuntimeError("the clean forward pass did not run every decoder layer of "
+                               f"{type(self.loaded.adapter.language_model).__name__}: cannot trace this model")
+        return self.lm_call["call"], self.calls, self.outputs
+
+    @property
+    def run(self) -> CleanRun:
+        if self.last_only:
+            raise ValueError("CleanCapture(last_only=True) keeps the last positions only: no CleanRun to trace")
+        lm_call, calls, outputs = self.calls_made()
+        if self.batch is None:
+            raise ValueError("CleanCapture(loaded) without a batch records calls only; give the batch for a CleanRun")
+        if outputs[0].shape[0] != self.last.shape[0] or outputs[0].shape[1] != self.batch["input_ids"].shape[1]:
+            raise ValueError(f"the recorded prompt pass has {tuple(outputs[0].shape[:2])} (batch, positions), the "
+                             f"batch {tuple(self.batch['input_ids'].shape)}: record the batch the model runs")
+        return CleanRun(lm_call, calls, outputs, self.kv, self.last, from_answer=True)
+
+    def last_position_states(self) -> torch.Tensor:
+        """(B, L, d): every decoder layer's output at each sample's last prompt position."""
+        if not self.last_only:
+            return self.run.last_position_states()
+        if any(o is None for o in self.outputs):
+            raise RuntimeError("the prompt pass did not run every decoder layer of "
+                               f"{type(self.loaded.adapter.language_model).__name__}")
+        return torch.stack(self.outputs, dim=1)
+
+
+@torch.no_grad()
+def _clean_capture(loaded, inputs: dict[str, Any], kv: bool = False):
+    """The clean forward of its own: the language model's call, each decoder layer's call
+    (positional args after the hidden states, keyword args) and output; with `kv`, each layer's
+    keys/values too (returned fourth), the prefix a replay over later positions attends to."""
+    with CleanCapture(loaded, kv=kv) as capture:
         loaded.model(**inputs, use_cache=False, logits_to_keep=1)
-    if "call" not in lm_call or any(c is None for c in calls):
-        raise RuntimeError("the clean forward pass did not run every decoder layer of "
-                           f"{type(adapter.language_model).__name__}: cannot trace this model")
-    return lm_call["call"], calls, outputs
+    return (*capture.calls_made(), capture.kv)
 
 
 @dataclass
 class CleanRun:
     """The clean prompt pass of an encoded batch as the trace records it: the language model's call,
     each decoder layer's call and output, and (causal decoders) each layer's keys/values. Made by
-    `clean_run`; `trace_batch(clean=...)` and the logit lens / probing features
+    `clean_run` (a forward of its own) or by `CleanCapture` around the answer's generation
+    (`from_answer`: the answer's prefill, which the trace then does not count as its work);
+    `trace_batch(clean=...)`, the proxy and the logit lens / probing features
     (`last_position_states`) share it, so a batch needs one clean pass for all of them."""
 
     lm_call: Any
@@ -285,6 +388,7 @@ class CleanRun:
     outputs: list[torch.Tensor]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
     last: torch.Tensor  # (B,) each sample's last prompt position
+    from_answer: bool = False
 
     def last_position_states(self) -> torch.Tensor:
         """(B, L, d): every decoder layer's output at each sample's last prompt position (what
@@ -295,10 +399,10 @@ class CleanRun:
 
 @torch.no_grad()
 def clean_run(loaded, batch) -> CleanRun:
-    """The clean prompt pass of `batch` (an encoded batch), recorded for `trace_batch`."""
+    """The clean prompt pass of `batch` (an encoded batch), recorded for `trace_batch`: a forward of
+    its own (`CleanCapture` records the one a generation already makes)."""
     adapter = loaded.adapter
-    kv: dict | None = None if adapter.bidirectional_prefix else {}
-    lm_call, calls, outputs = _clean_capture(loaded, loaded.model_inputs(batch), kv=kv)
+    lm_call, calls, outputs, kv = _clean_capture(loaded, loaded.model_inputs(batch), kv=not adapter.bidirectional_prefix)
     groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
     return CleanRun(lm_call, calls, outputs, kv, groups["last"].int().argmax(1).to(loaded.device))
 
@@ -351,8 +455,8 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
 
     target_ids: per sample, the token whose probability is traced (the clean greedy answer's first
     token). sigma: from `estimate_sigma` (needed for `gaussian`; its `embedding["image"]` scales the
-    embedding noise). clean: `clean_run(loaded, batch)` when the caller already made it (else the
-    trace makes it). `_from_image`: the engine of 2026-12-01 (every replay starts at the first image
+    embedding noise). clean: the batch's `CleanRun` when the caller has it (`CleanCapture` around the
+    answer's generation, or `clean_run`); else the trace makes it. `_from_image`: the engine of 2026-12-01 (every replay starts at the first image
     position, over the corrupted run's keys/values), kept for benchmarks/bench_tracing.py."""
     settings, traced, masks, targets = _trace_inputs(loaded, batch, target_ids, settings, sigma)
     adapter = loaded.adapter
@@ -417,10 +521,11 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
                                    last=last, targets=targets, max_rows=max_rows, into=p_restored[group][k])
 
     ie = {g: (p_restored[g] - p_corrupted[:, None, :]).mean(0) for g in settings.groups}  # (L, B)
-    # 1 clean forward + per noise sample the corrupted replay (L layers) + the restorations.
+    # 1 clean forward (none when it was the answer's prefill) + per noise sample the corrupted replay
+    # (L layers) + the restorations.
     evaluations = replay.layer_evaluations + sum(
         r.layer_evaluations * r.batch / n_rows for r in replays.values() if r is not replay)
-    passes = 1 + evaluations / num_layers
+    passes = (0 if clean.from_answer else 1) + evaluations / num_layers
     naive = 1 + n_noise * (1 + len(settings.groups) * len(traced))
     cost = TraceCost(forward_passes=float(passes), naive_forward_passes=naive)
     results = []
@@ -549,6 +654,15 @@ def _restore_staircase(loaded, replay: _Replay, *, rows: list[int], group_mask, 
 KNOCKOUT_BATCHES = 4
 
 
+def stack_rows(device: torch.device | str, batch_size: int) -> int:
+    """The most rows one stacked generation of a run holds (knockout windows, held-out windows):
+    `KNOCKOUT_BATCHES` batches on the CPU, where stacking was measured to pay and the memory is the
+    host's; one batch on an accelerator, so that a run's peak memory stays that of answering a batch,
+    which the user sized (a generation's keys/values grow with its rows: 64 rows of a 7B model over
+    ~600 positions hold about 22 GB)."""
+    return (KNOCKOUT_BATCHES if torch.device(device).type == "cpu" else 1) * int(batch_size)
+
+
 def window_width(num_layers: int, window: int | None = None) -> int:
     """The knockout window width: `window` (the probe option), by default a quarter of the decoder
     layers, rounded up."""
@@ -663,6 +777,49 @@ def corrupted_answers(loaded, batch, window: Sequence[int], kind: str = DEFAULTS
     with HiddenStateIntervention(adapter, range(first, last + 1), groups["image"].to(loaded.device), kind=kind,
                                  scale=scale, sigma=layer_sigma, seed=seed, site="input"):
         return _generate(loaded, batch, list(extra_hooks), max_new_tokens, choices)
+
+
+@torch.no_grad()
+def corrupted_answers_per_window(loaded, batch, windows: Sequence[Sequence[int]], kind: str = DEFAULTS["noise"],
+                                 scale: float = DEFAULTS["noise_scale"], sigma: NoiseScale | None = None,
+                                 seed: int = DEFAULTS["seed"], *,
+                                 observers: Callable[[dict], Sequence[AttentionHook]] | None = None,
+                                 max_new_tokens: int = DEFAULTS["max_new_tokens"],
+                                 choices: Sequence[Sequence[str]] | None = None, max_rows: int | None = None,
+                                 _one_at_a_time: bool = False) -> list[list[AnswerOutput]]:
+    """`corrupted_answers` of every window in `windows` (one list of answers per window; the held-out
+    half's circuit and control windows), in one generation: the batch's rows are repeated once per
+    window and each block's image states are corrupted in its own window's layers only. The noise of
+    a row does not depend on its batch neighbours (`corrupt_states` draws it per row), and rows never
+    meet in attention, so each block answers as its window alone would (up to the round-off of a
+    wider batch), while the generation's fixed costs are paid once. `observers`: called with the
+    stacked batch, returns attention observers for the generation (such as a `SharpnessRecorder` for
+    it; rows j*n..(j+1)*n-1 are window j's; called once per generation). `max_rows`: the most rows
+    one generation holds (at least one window's; None: every window in one generation; a run passes
+    `stack_rows`). `_one_at_a_time`: one generation per window (the reference the benchmark measures
+    against)."""
+    adapter = loaded.adapter
+    windows = [_check_window(w, adapter.num_layers) for w in windows]
+    layer_sigma = sigma.layers("image", site="input") if sigma is not None else None
+    check_kind(kind, scale, layer_sigma)
+    n = batch["input_ids"].shape[0]
+    per_call = 1 if _one_at_a_time else len(windows) if max_rows is None else max(1, max_rows // n)
+    if per_call < len(windows):
+        return [answers for start in range(0, len(windows), per_call)
+                for answers in corrupted_answers_per_window(
+                    loaded, batch, windows[start:start + per_call], kind, scale, sigma, seed, observers=observers,
+                    max_new_tokens=max_new_tokens, choices=choices)]
+    stacked = adapter.select_rows(batch, [row for _ in windows for row in range(n)]) if len(windows) > 1 else batch
+    image = adapter.position_groups(stacked["input_ids"], stacked["attention_mask"])["image"].to(loaded.device)
+    block = torch.arange(image.shape[0], device=image.device) // n
+    with ExitStack() as scopes:
+        for j, (first, last) in enumerate(windows):
+            scopes.enter_context(HiddenStateIntervention(adapter, range(first, last + 1), image & (block == j)[:, None],
+                                                         kind=kind, scale=scale, sigma=layer_sigma, seed=seed,
+                                                         site="input"))
+        answers = _generate(loaded, stacked, list(observers(stacked)) if observers else [], max_new_tokens,
+                            None if choices is None else [c for _ in windows for c in choices])
+    return [answers[j * n:(j + 1) * n] for j in range(len(windows))]
 
 
 def choose_circuit(knockout_scores: Any, windows: Sequence[Sequence[int]],
