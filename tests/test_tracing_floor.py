@@ -68,7 +68,15 @@ def test_one_clean_pass_feeds_the_logit_lens_and_the_trace(traced):
     forward of its own, and a trace given it equals one that makes its own."""
     loaded, batch, targets, sigma = traced
     clean = clean_run(loaded, batch)
-    assert torch.equal(clean.last_position_states(), last_position_states(loaded, batch))
+    states = last_position_states(loaded, batch)
+    assert torch.equal(clean.last_position_states(), states)
+    # Against the model's own hidden states (independent of the hooks): entry l + 1 is layer l's
+    # output, except the last one, which transformers returns after the final norm.
+    with torch.no_grad():
+        own = loaded.model(**loaded.model_inputs(batch), output_hidden_states=True).hidden_states
+    last = batch["attention_mask"].shape[1] - 1  # left padding: every row's last prompt position
+    reference = torch.stack([h[:, last] for h in own[1:-1]], dim=1)
+    torch.testing.assert_close(states[:, :-1], reference, atol=1e-5, rtol=0)  # float32 round-off
     settings = TraceSettings(kind="gaussian", scale=3.0, n_noise=2, seed=2)
     shared = trace_batch(loaded, batch, targets, settings, sigma, clean=clean)
     alone = trace_batch(loaded, batch, targets, settings, sigma)

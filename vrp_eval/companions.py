@@ -8,31 +8,20 @@ from collections.abc import Sequence
 
 import torch
 
-from vrp_eval.hooks import HookScope, hidden_of
 from vrp_eval.options import DEFAULTS
 
 
 @torch.no_grad()
 def last_position_states(loaded, batch) -> torch.Tensor:
     """(B, L, d): every decoder layer's output at each sample's last prompt position, in one prompt
-    forward (only the last position goes through the head). Feeds the logit lens and the probing
-    classifier's features."""
-    adapter, model = loaded.adapter, loaded.model
-    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
-    last = groups["last"].int().argmax(1).to(loaded.device)
-    rows = torch.arange(last.shape[0], device=loaded.device)
-    states: dict[int, torch.Tensor] = {}
+    forward of its own (only the last position goes through the head). Feeds the logit lens and the
+    probing classifier's features; a run reads the same states from the answer's own prompt pass
+    (`tracing.CleanCapture`)."""
+    from vrp_eval.tracing import CleanCapture
 
-    def capture(index: int):
-        def hook(module, args, output):
-            states[index] = hidden_of(output)[rows, last]
-        return hook
-
-    with HookScope() as scope:
-        for i, layer in enumerate(adapter.decoder_layers):
-            scope.on_output(layer, capture(i))
-        model(**loaded.model_inputs(batch), logits_to_keep=1, use_cache=False)
-    return torch.stack([states[i] for i in range(adapter.num_layers)], dim=1)
+    with CleanCapture(loaded, batch, last_only=True) as capture:
+        loaded.model(**loaded.model_inputs(batch), logits_to_keep=1, use_cache=False)
+    return capture.last_position_states()
 
 
 #: Probing features keep at most this many numbers per layer: wider states are projected by a seeded
