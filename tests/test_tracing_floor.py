@@ -97,7 +97,7 @@ def test_the_answers_prefill_is_the_clean_pass(traced, answering):
     from vrp_eval.tracing import CleanCapture
 
     loaded, batch, targets, sigma = traced
-    choices = [["red", "blue"], ["yes", "no", "0"], ["2", "green"]]
+    choices = [["red", "blue square"], ["yes", "no", "0"], ["2 3", "green"]]  # two-token options: more generations
 
     def answer():
         if answering == "likelihood":
