@@ -124,21 +124,25 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
     if signals & {"logit_lens", "probing"}:  # read from the answer's prefill: no pass of their own
         hidden = capture.last_position_states()
         for name in signals & {"logit_lens", "probing"}:
-            seconds[name], cost[name] = 0.0, 0.0
+            cost[name] = 0.0
     if "logit_lens" in signals:
         from vrp_eval.companions import logit_lens_margin, reference_token_id
 
+        started = time.perf_counter()  # the final norm and head on each layer's state
         truth = [reference_token_id(loaded.adapter, example, settings.mc_scoring) for example in examples]
         pairs = [(t if t is not None else own, own) for t, own in zip(truth, target_ids)]
         margins = logit_lens_margin(loaded, batch, pairs, hidden=hidden)
         for record, known, (truth_margin, own_margin) in zip(records, truth, margins):
             record.logit_lens_margin = truth_margin if known is not None else None
             record.logit_lens_margin_predicted = own_margin
+        seconds["logit_lens"] = time.perf_counter() - started
     if "probing" in signals:
         from vrp_eval.companions import probe_features
 
+        started = time.perf_counter()
         for record, features in zip(records, probe_features(hidden, settings.seed)):
             record.probe_features = features
+        seconds["probing"] = time.perf_counter() - started
     if "saliency" in signals:
         from vrp_eval.saliency import SALIENCY_PASSES, gradient_saliency
 
