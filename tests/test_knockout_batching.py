@@ -132,7 +132,7 @@ def test_stacked_held_out_corruptions_equal_one_window_at_a_time(loaded, batch, 
     Each row draws its own noise, so the block's neighbours do not change it."""
     from vrp_eval.attention import SharpnessRecorder
     from vrp_eval.intervention import estimate_sigma
-    from vrp_eval.tracing import corrupted_answers_per_window
+    from vrp_eval.tracing import corrupted_answers, corrupted_answers_per_window
 
     sigma = estimate_sigma(loaded, [batch]) if kind == "gaussian" else None
     scale = 3.0 if kind == "gaussian" else 0.0
@@ -145,8 +145,11 @@ def test_stacked_held_out_corruptions_equal_one_window_at_a_time(loaded, batch, 
             return recorders[key][-1:]
         return make
 
-    one = corrupted_answers_per_window(loaded, batch, windows, kind, scale, sigma, seed=5, max_new_tokens=4,
-                                       choices=choices, observers=observers("one"), _one_at_a_time=True)
+    # The reference: the held-out pass as it was, one `corrupted_answers` generation per window, the
+    # recorder on the circuit's.
+    one = [corrupted_answers(loaded, batch, window, kind, scale, sigma, seed=5, max_new_tokens=4, choices=choices,
+                             extra_hooks=observers("one")(batch) if j == 0 else ())
+           for j, window in enumerate(windows)]
     stacked = corrupted_answers_per_window(loaded, batch, windows, kind, scale, sigma, seed=5, max_new_tokens=4,
                                            choices=choices, observers=observers("stacked"))
     assert_same_answers(stacked, one)
@@ -158,9 +161,11 @@ def test_stacked_held_out_corruptions_equal_one_window_at_a_time(loaded, batch, 
     assert_same_answers(swapped, one[::-1])
     n = batch["input_ids"].shape[0]
     split = corrupted_answers_per_window(loaded, batch, windows, kind, scale, sigma, seed=5, max_new_tokens=4,
-                                         choices=choices, max_rows=2 * n - 1)  # one window per generation
+                                         choices=choices, max_rows=2 * n - 1,  # one window per generation
+                                         observers=observers("split"))
     assert_same_answers(split, one)
-    (circuit_alone, _), (both,) = recorders["one"], recorders["stacked"]
+    assert len(recorders["split"]) == 1  # the circuit's generation only
+    (circuit_alone,), (both,) = recorders["one"], recorders["stacked"]
     for a, b in zip(circuit_alone.signals(), both.signals()[:n]):
         assert a.sharpness == pytest.approx(b.sharpness, abs=TOLERANCE)
         np.testing.assert_allclose(a.sharpness_per_layer, b.sharpness_per_layer, rtol=0, atol=TOLERANCE)

@@ -151,6 +151,57 @@ def test_the_answers_prefill_is_the_clean_pass(traced, answering):
         assert new.cost.forward_passes == old.cost.forward_passes - 1.0
 
 
+@pytest.mark.parametrize("setup", ["eager", "static-cache"])
+def test_a_recorded_prefill_replays_as_it_was_computed(traced, setup):
+    """The answer's prefill recorded under the sharpness recorder (whose dispatcher builds SDPA's
+    boolean masks) traces like a clean forward of the trace's own on a model set to eager attention
+    (additive float masks): the replay reads the masks as they were built. With a static cache the
+    recorded keys and masks keep the prompt's positions only. The hooks are gone afterwards."""
+    from tracing_models import all_hooks
+
+    from vrp_eval.attention import SharpnessRecorder
+    from vrp_eval.hooks import attention_hooks
+    from vrp_eval.proxy import proxy_trace_batch
+    from vrp_eval.tracing import CleanCapture
+
+    loaded, batch, targets, sigma = traced
+    language_model = loaded.adapter.language_model
+    before = (language_model.config._attn_implementation, loaded.model.generation_config.cache_implementation)
+    hooks_before = all_hooks(loaded.model)
+    reference = SharpnessRecorder.for_batch(loaded.adapter, batch)
+    with attention_hooks(loaded.adapter, reference):
+        generate_answers(loaded, batch, max_new_tokens=1)
+    try:
+        if setup == "eager":
+            language_model.set_attn_implementation("eager")
+        else:
+            loaded.model.generation_config.cache_implementation = "static"
+        recorder = SharpnessRecorder.for_batch(loaded.adapter, batch)
+        with CleanCapture(loaded, batch) as capture, attention_hooks(loaded.adapter, recorder):
+            generate_answers(loaded, batch, max_new_tokens=2)
+        shared = capture.run
+        assert all_hooks(loaded.model) == hooks_before
+        np.testing.assert_allclose([r.sharpness for r in recorder.signals()],
+                                   [r.sharpness for r in reference.signals()], atol=FLOAT32_PROB_ATOL, rtol=0)
+        assert language_model.config._attn_implementation == ("eager" if setup == "eager" else before[0])
+        if shared.kv is not None:
+            assert shared.kv[0][0].shape[-2] == batch["input_ids"].shape[1]
+        settings = TraceSettings(kind="gaussian", scale=3.0, n_noise=2, seed=2)
+        from_answer = trace_batch(loaded, batch, targets, settings, sigma, clean=shared)
+        alone = trace_batch(loaded, batch, targets, settings, sigma)
+        for new, old in zip(from_answer, alone):
+            np.testing.assert_allclose(new.p_corrupted_samples, old.p_corrupted_samples, atol=FLOAT32_PROB_ATOL, rtol=0)
+            for group in settings.groups:
+                np.testing.assert_allclose(new.ie[group], old.ie[group], atol=FLOAT32_PROB_ATOL, rtol=0)
+        proxy_shared = proxy_trace_batch(loaded, batch, targets, settings, sigma, clean=shared)
+        proxy_alone = proxy_trace_batch(loaded, batch, targets, settings, sigma)
+        for new, old in zip(proxy_shared, proxy_alone):
+            np.testing.assert_allclose(new.ie["image"], old.ie["image"], atol=FLOAT32_PROB_ATOL, rtol=0)
+    finally:
+        language_model.set_attn_implementation(before[0])
+        loaded.model.generation_config.cache_implementation = before[1]
+
+
 @pytest.mark.parametrize("questions", [
     ("what color is the circle left of the red square?", "what color is the circle left of the red blue square?"),
     ("what color is the circle left of the red square?", "what color is the circle left of the red blue square?",

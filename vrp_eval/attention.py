@@ -212,7 +212,10 @@ class SharpnessRecorder(AttentionHook):
             return  # a generation step (or a second pass): only the prompt pass is recorded
         batch, _, q_len, _ = query.shape
         k_len = key.shape[2]
-        if k_len != self.image_mask.shape[1] or batch != self.image_mask.shape[0]:
+        length = self.image_mask.shape[1]
+        if batch == self.image_mask.shape[0] and q_len == length < k_len:
+            key, k_len = key[:, :, :length], length  # a static cache's preallocated (masked) keys
+        if k_len != length or batch != self.image_mask.shape[0]:
             if q_len == 1:
                 return  # a cached decoding step of a run whose prompt pass this recorder did not see
             raise ValueError(

@@ -143,22 +143,6 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
         for record, features in zip(records, probe_features(hidden, settings.seed)):
             record.probe_features = features
         seconds["probing"] = time.perf_counter() - started
-    if "saliency" in signals:
-        from vrp_eval.saliency import SALIENCY_PASSES, gradient_saliency
-
-        started = time.perf_counter()
-        for record, saliency in zip(records, gradient_saliency(loaded, batch, target_ids)):
-            record.saliency = saliency.concentration
-        seconds["saliency"], cost["saliency"] = time.perf_counter() - started, SALIENCY_PASSES
-    if "consistency" in signals:
-        from vrp_eval.companions import self_consistency
-
-        started = time.perf_counter()
-        for record, value in zip(records, self_consistency(loaded, batch, k=settings.consistency_k,
-                                                           seed=settings.seed)):
-            record.self_consistency = value
-        # k sampled answers: k prompt passes (the greedy answer is reused, decode steps not counted)
-        seconds["consistency"], cost["consistency"] = time.perf_counter() - started, float(settings.consistency_k)
     if "tracing" in signals:
         from vrp_eval.tracing import normalised_ie, trace_batch
 
@@ -180,6 +164,23 @@ def probe_batch(loaded: LoadedModel, examples: list[Example], settings: ProbeSet
             record.p_clean = trace.p_clean if record.p_clean is None else record.p_clean
             cost["proxy"] = trace.cost.forward_passes
         seconds["proxy"] = time.perf_counter() - started
+    clean = capture = hidden = None  # the recorded pass is not held through the gradient and sampling passes
+    if "saliency" in signals:
+        from vrp_eval.saliency import SALIENCY_PASSES, gradient_saliency
+
+        started = time.perf_counter()
+        for record, saliency in zip(records, gradient_saliency(loaded, batch, target_ids)):
+            record.saliency = saliency.concentration
+        seconds["saliency"], cost["saliency"] = time.perf_counter() - started, SALIENCY_PASSES
+    if "consistency" in signals:
+        from vrp_eval.companions import self_consistency
+
+        started = time.perf_counter()
+        for record, value in zip(records, self_consistency(loaded, batch, k=settings.consistency_k,
+                                                           seed=settings.seed)):
+            record.self_consistency = value
+        # k sampled answers: k prompt passes (the greedy answer is reused, decode steps not counted)
+        seconds["consistency"], cost["consistency"] = time.perf_counter() - started, float(settings.consistency_k)
     if "circuit" in signals:
         from vrp_eval.tracing import knockout_answers_per_window, stack_rows
 

@@ -103,6 +103,17 @@ def proxy_trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceS
     if n_noise is not None and n_noise < 1:
         raise ValueError(f"n_noise must be >= 1 (or None for the settings' K), got {n_noise}")
     settings, traced, masks, targets = _trace_inputs(loaded, batch, target_ids, settings, sigma)
+    if clean is None:
+        own = True
+        clean = CleanRun(*_clean_capture(loaded, loaded.model_inputs(batch)), last=masks["last"].int().argmax(1))
+    else:  # the answer's prefill (`CleanCapture`) or the exact trace's clean run
+        own = False
+    with clean.replaying(loaded.adapter):
+        return _proxy(loaded, settings, traced, masks, targets, sigma, n_noise, linearisation, clean, own)
+
+
+def _proxy(loaded, settings, traced, masks, targets, sigma, n_noise, linearisation, clean: CleanRun,
+           own: bool) -> list[ProxyResult]:
     adapter = loaded.adapter
     num_layers = adapter.num_layers
     k_total = settings.noise_samples() if n_noise is None else min(int(n_noise), settings.noise_samples())
@@ -111,11 +122,7 @@ def proxy_trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceS
     length = masks["all"].shape[1]
     rows = torch.arange(n_rows, device=device)
     last = masks["last"].int().argmax(1)
-
-    if clean is not None:  # the answer's prefill (`CleanCapture`) or the exact trace's clean run
-        lm_call, calls, clean_out = clean.lm_call, clean.calls, clean.outputs
-    else:
-        lm_call, calls, clean_out, _ = _clean_capture(loaded, loaded.model_inputs(batch))
+    lm_call, calls, clean_out = clean.lm_call, clean.calls, clean.outputs
     replay = _Replay(adapter, calls, n_rows, length)
     p_clean = _head_probs(loaded, clean_out[-1][rows, last])[rows, targets]
     # As in the exact engine: in a causal decoder a position before the row's first image token never
@@ -155,7 +162,7 @@ def proxy_trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceS
     mean_ie = {g: v.mean(0) for g, v in ie.items()}  # (L, B)
     for value in mean_ie.values():
         value[untraced] = float("nan")
-    cost = proxy_cost(k_total, linearisation, clean_pass=clean is None or not clean.from_answer)
+    cost = proxy_cost(k_total, linearisation, clean_pass=own or not clean.from_answer)
     return [ProxyResult(target_id=int(targets[row]), p_clean=float(p_clean[row]),
                         p_corrupted=float(p_corrupted[:, row].mean()),
                         ie={g: [float(v) for v in mean_ie[g][:, row]] for g in settings.groups},

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,13 @@ import torch
 
 from vrp_eval.adapters import GROUPS
 from vrp_eval.generation import AnswerOutput, generate_answers
-from vrp_eval.hooks import AttentionHook, HookScope, attention_hooks, hidden_of
+from vrp_eval.hooks import (
+    IMPLEMENTATION,
+    AttentionHook,
+    HookScope,
+    attention_hooks,
+    hidden_of,
+)
 from vrp_eval.intervention import (  # noqa: F401  (estimate_sigma is part of this module's API)
     AttentionKnockout,
     EmbeddingCorruption,
@@ -236,20 +242,45 @@ def _head_probs(loaded, hidden_last: torch.Tensor) -> torch.Tensor:
 
 
 class _RecordingCache:
-    """A transformers Cache seen through one decoder-layer call: updates go to the real cache (a
-    generation goes on with it) and the call's keys/values, every prompt position's, are recorded."""
+    """A transformers Cache seen through the prompt pass's decoder-layer call: updates go to the real
+    cache (a generation goes on with it) and the prompt positions' keys/values are recorded."""
 
     def __init__(self, inner, record: dict):
         self.inner, self.record = inner, record
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.inner.update(key_states, value_states, layer_idx, *args, **kwargs)
-        # Copies: a cache may write its later steps into the same storage.
-        self.record[layer_idx] = (keys.clone(), values.clone())
-        return keys, values
+        full = self.inner.update(key_states, value_states, layer_idx, *args, **kwargs)
+        # The prompt pass fills an empty cache: its positions are the first key_states.shape[-2] (a
+        # static cache returns its whole preallocated length). A dynamic layer returns a fresh tensor
+        # at every step; any other (a static layer writes in place, and a later generation resets
+        # it) is copied.
+        n = key_states.shape[-2]
+        keys, values = full[0][..., :n, :], full[1][..., :n, :]
+        if not _fresh_every_step(self.inner, layer_idx):
+            keys, values = keys.clone(), values.clone()
+        self.record[layer_idx] = (keys, values)
+        return full
 
     def __getattr__(self, name):
+        if name == "inner":  # not set yet (copy, pickle): no recursion through __getattr__
+            raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def _attn_implementation(module) -> str | None:
+    """The attention implementation a transformers module runs (None for a module without a config)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def _fresh_every_step(cache, layer_idx: int) -> bool:
+    """Whether `cache`'s layer returns a new tensor from each update (transformers' dynamic layers
+    concatenate), so a kept reference is never written into."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return False
+    return type(layers[layer_idx]) in (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 class CleanCapture(HookScope):
@@ -257,7 +288,10 @@ class CleanCapture(HookScope):
     inside the block, the first call of the language model and of each decoder layer is recorded (a
     `generate` call's prefill; its one-token decoding steps are not), so the answer's own prompt pass
     is the one clean pass that the trace, the logit lens and the probing features read. The recorded
-    calls keep no cache (the replay brings its own). After the block, `run` is the `CleanRun`.
+    calls keep no cache (the replay brings its own; the language model's call also gets
+    use_cache=False), a static cache's unused key columns are cut from the masks, and the attention
+    implementation in force is noted, so that the replay reads the masks as they were built
+    (`CleanRun.replaying`). After the block, `run` is the `CleanRun`.
 
         with CleanCapture(loaded, batch) as capture, attention_hooks(adapter, recorder):
             answers = generate_answers(loaded, batch)
@@ -278,6 +312,7 @@ class CleanCapture(HookScope):
         self.lm_call: dict[str, Any] = {}
         self.calls: list[Any] = [None] * adapter.num_layers
         self.outputs: list[Any] = [None] * adapter.num_layers
+        self.attn_implementation: str | None = None
         self.last = None
         if batch is not None:
             groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
@@ -303,6 +338,9 @@ class CleanCapture(HookScope):
 
         def lm_hook(module, args, kwargs):
             if "call" not in self.lm_call:
+                # The replay must read the recorded masks as they were built (the attention hooks'
+                # implementation builds SDPA's boolean masks; eager adds float ones).
+                self.attn_implementation = _attn_implementation(module)
                 kept = dict(kwargs)
                 for name in _CACHE_KWARGS:
                     if name in kept:
@@ -316,7 +354,11 @@ class CleanCapture(HookScope):
                 if calls[index] is not None:
                     return None  # a decoding step after the prompt pass
                 cache_key = next((k for k in _CACHE_KWARGS if k in kwargs), None)
-                calls[index] = (tuple(args[1:]), {**kwargs, cache_key: None} if cache_key else dict(kwargs))
+                kept = {**kwargs, cache_key: None} if cache_key else dict(kwargs)
+                mask, hidden = kept.get("attention_mask"), args[0] if args else kwargs.get("hidden_states")
+                if torch.is_tensor(mask) and mask.ndim == 4 and hidden is not None and mask.shape[-1] > hidden.shape[1]:
+                    kept["attention_mask"] = mask[..., :hidden.shape[1]]  # a static cache's unused keys
+                calls[index] = (tuple(args[1:]), kept)
                 if kv is None or cache_key is None:
                     return None
                 inner = kwargs[cache_key]
@@ -352,7 +394,8 @@ class CleanCapture(HookScope):
         if outputs[0].shape[0] != self.last.shape[0] or outputs[0].shape[1] != self.batch["input_ids"].shape[1]:
             raise ValueError(f"the recorded prompt pass has {tuple(outputs[0].shape[:2])} (batch, positions), the "
                              f"batch {tuple(self.batch['input_ids'].shape)}: record the batch the model runs")
-        return CleanRun(lm_call, calls, outputs, self.kv, self.last, from_answer=True)
+        return CleanRun(lm_call, calls, outputs, self.kv, self.last, from_answer=True,
+                        attn_implementation=self.attn_implementation)
 
     def last_position_states(self) -> torch.Tensor:
         """(B, L, d): every decoder layer's output at each sample's last prompt position."""
@@ -389,6 +432,16 @@ class CleanRun:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
     last: torch.Tensor  # (B,) each sample's last prompt position
     from_answer: bool = False
+    attn_implementation: str | None = None  # the language model's, when the pass was recorded
+
+    def replaying(self, adapter):
+        """A scope in which replaying the recorded calls reads their attention masks as the pass
+        built them: a pass recorded under attention hooks (SDPA's masks) replays through the same
+        dispatcher, with no hook, whatever the model's own implementation is."""
+        current = _attn_implementation(adapter.language_model)
+        if self.attn_implementation == IMPLEMENTATION and current not in (None, IMPLEMENTATION):
+            return attention_hooks(adapter)
+        return nullcontext()
 
     def last_position_states(self) -> torch.Tensor:
         """(B, L, d): every decoder layer's output at each sample's last prompt position (what
@@ -404,7 +457,8 @@ def clean_run(loaded, batch) -> CleanRun:
     adapter = loaded.adapter
     lm_call, calls, outputs, kv = _clean_capture(loaded, loaded.model_inputs(batch), kv=not adapter.bidirectional_prefix)
     groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
-    return CleanRun(lm_call, calls, outputs, kv, groups["last"].int().argmax(1).to(loaded.device))
+    return CleanRun(lm_call, calls, outputs, kv, groups["last"].int().argmax(1).to(loaded.device),
+                    attn_implementation=_attn_implementation(adapter.language_model))
 
 
 @torch.no_grad()
@@ -456,9 +510,17 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
     target_ids: per sample, the token whose probability is traced (the clean greedy answer's first
     token). sigma: from `estimate_sigma` (needed for `gaussian`; its `embedding["image"]` scales the
     embedding noise). clean: the batch's `CleanRun` when the caller has it (`CleanCapture` around the
-    answer's generation, or `clean_run`); else the trace makes it. `_from_image`: the engine of 2026-12-01 (every replay starts at the first image
-    position, over the corrupted run's keys/values), kept for benchmarks/bench_tracing.py."""
+    answer's generation, or `clean_run`); else the trace makes it. `_from_image`: the engine of
+    2026-12-01 (every replay starts at the first image position, over the corrupted run's
+    keys/values), kept for benchmarks/bench_tracing.py."""
     settings, traced, masks, targets = _trace_inputs(loaded, batch, target_ids, settings, sigma)
+    clean = clean or clean_run(loaded, batch)
+    with clean.replaying(loaded.adapter):
+        return _trace(loaded, settings, traced, masks, targets, sigma, clean, _from_image)
+
+
+def _trace(loaded, settings: TraceSettings, traced, masks, targets, sigma: NoiseScale | None, clean: CleanRun,
+           _from_image: bool) -> list[TraceResult]:
     adapter = loaded.adapter
     num_layers = adapter.num_layers
     n_rows, device = len(targets), loaded.device
@@ -466,7 +528,6 @@ def trace_batch(loaded, batch, target_ids: Sequence[int], settings: TraceSetting
     rows = torch.arange(n_rows, device=device)
     last = masks["last"].int().argmax(1)
 
-    clean = clean or clean_run(loaded, batch)
     lm_call, calls, clean_out = clean.lm_call, clean.calls, clean.outputs
     clean_kv = None if _from_image else clean.kv
     replay = _Replay(adapter, calls, n_rows, length)
@@ -793,8 +854,8 @@ def corrupted_answers_per_window(loaded, batch, windows: Sequence[Sequence[int]]
     a row does not depend on its batch neighbours (`corrupt_states` draws it per row), and rows never
     meet in attention, so each block answers as its window alone would (up to the round-off of a
     wider batch), while the generation's fixed costs are paid once. `observers`: called with the
-    stacked batch, returns attention observers for the generation (such as a `SharpnessRecorder` for
-    it; rows j*n..(j+1)*n-1 are window j's; called once per generation). `max_rows`: the most rows
+    stacked batch, returns attention observers for the generation that holds the first window (such
+    as a `SharpnessRecorder` for it; rows j*n..(j+1)*n-1 are window j's). `max_rows`: the most rows
     one generation holds (at least one window's; None: every window in one generation; a run passes
     `stack_rows`). `_one_at_a_time`: one generation per window (the reference the benchmark measures
     against)."""
@@ -807,7 +868,8 @@ def corrupted_answers_per_window(loaded, batch, windows: Sequence[Sequence[int]]
     if per_call < len(windows):
         return [answers for start in range(0, len(windows), per_call)
                 for answers in corrupted_answers_per_window(
-                    loaded, batch, windows[start:start + per_call], kind, scale, sigma, seed, observers=observers,
+                    loaded, batch, windows[start:start + per_call], kind, scale, sigma, seed,
+                    observers=observers if start == 0 else None,
                     max_new_tokens=max_new_tokens, choices=choices)]
     stacked = adapter.select_rows(batch, [row for _ in windows for row in range(n)]) if len(windows) > 1 else batch
     image = adapter.position_groups(stacked["input_ids"], stacked["attention_mask"])["image"].to(loaded.device)
