@@ -202,6 +202,20 @@ def test_a_recorded_prefill_replays_as_it_was_computed(traced, setup):
         loaded.model.generation_config.cache_implementation = before[1]
 
 
+def test_a_chunked_prefill_is_refused_with_the_fix(traced):
+    """A prefill in chunks is not one clean pass: refused at once, naming the setting to unset."""
+    from vrp_eval.tracing import CleanCapture
+
+    loaded, batch, _, _ = traced
+    try:
+        loaded.model.generation_config.prefill_chunk_size = 16
+        for last_only in (False, True):
+            with pytest.raises(ValueError, match="prefill_chunk_size"), CleanCapture(loaded, batch, last_only=last_only):
+                generate_answers(loaded, batch, max_new_tokens=2)
+    finally:
+        loaded.model.generation_config.prefill_chunk_size = None
+
+
 @pytest.mark.parametrize("questions", [
     ("what color is the circle left of the red square?", "what color is the circle left of the red blue square?"),
     ("what color is the circle left of the red square?", "what color is the circle left of the red blue square?",

@@ -328,7 +328,7 @@ class CleanCapture(HookScope):
             def keep_last(index):
                 def hook(module, args, output):
                     if outputs[index] is None:
-                        hidden = hidden_of(output)
+                        hidden = self._whole(index, hidden_of(output))
                         outputs[index] = hidden[rows.to(hidden.device), self.last.to(hidden.device)]
                 return hook
 
@@ -369,13 +369,22 @@ class CleanCapture(HookScope):
         def out_hook(index):
             def hook(module, args, output):
                 if outputs[index] is None:
-                    outputs[index] = hidden_of(output)
+                    outputs[index] = self._whole(index, hidden_of(output))
             return hook
 
         self.on_input(adapter.language_model, lm_hook)
         for i, layer in enumerate(adapter.decoder_layers):
             self.on_input(layer, pre_hook(i))
             self.on_output(layer, out_hook(i))
+
+    def _whole(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden`, checked to be the whole prompt pass of the batch."""
+        if self.batch is not None and tuple(hidden.shape[:2]) != tuple(self.batch["input_ids"].shape):
+            raise ValueError(
+                f"decoder layer {layer} first ran on {tuple(hidden.shape[:2])} (batch, positions), not the batch's "
+                f"{tuple(self.batch['input_ids'].shape)}: the prompt pass must be recorded whole (a chunked prefill, "
+                "generation_config.prefill_chunk_size, splits it: unset it)")
+        return hidden
 
     def calls_made(self):
         """(language-model call, decoder-layer calls, decoder-layer outputs) of the recorded pass."""
