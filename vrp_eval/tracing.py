@@ -839,14 +839,11 @@ def corrupted_answers(loaded, batch, window: Sequence[int], kind: str = DEFAULTS
     hidden states that the window's layers read corrupted (the inputs of layers first..last;
     gaussian std = scale * sigma.inputs["image"][layer]). `extra_hooks` (attention observers such as
     a sharpness recorder) run during the same generation."""
-    adapter = loaded.adapter
-    first, last = _check_window(window, adapter.num_layers)
-    layer_sigma = sigma.layers("image", site="input") if sigma is not None else None
-    check_kind(kind, scale, layer_sigma)
-    groups = adapter.position_groups(batch["input_ids"], batch["attention_mask"])
-    with HiddenStateIntervention(adapter, range(first, last + 1), groups["image"].to(loaded.device), kind=kind,
-                                 scale=scale, sigma=layer_sigma, seed=seed, site="input"):
-        return _generate(loaded, batch, list(extra_hooks), max_new_tokens, choices)
+    hooks = list(extra_hooks)
+    (answers,) = corrupted_answers_per_window(loaded, batch, [window], kind, scale, sigma, seed,
+                                              observers=lambda _: hooks, max_new_tokens=max_new_tokens,
+                                              choices=choices)
+    return answers
 
 
 @torch.no_grad()
