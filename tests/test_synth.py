@@ -47,6 +47,14 @@ def test_same_seed_gives_identical_records_and_images(validation):
     assert [r["image"].tobytes() for r in again] == [r["image"].tobytes() for r in validation[:60]]
 
 
+def test_a_start_index_gives_the_same_items_as_a_longer_prefix(validation):
+    """`start` continues the split: a later training stage's range holds no item of an earlier one."""
+    later = synth.generate("validation", n=20, start=40)
+    assert [_plain(r) for r in later] == [_plain(r) for r in validation[40:60]]
+    assert [r["image"].tobytes() for r in later] == [r["image"].tobytes() for r in validation[40:60]]
+    assert {r["question_id"] for r in later}.isdisjoint(r["question_id"] for r in validation[:40])
+
+
 def test_another_seed_gives_other_items(validation):
     other = synth.generate("validation", n=60, seed=7)
     assert {_image_hash(r) for r in other}.isdisjoint(_image_hash(r) for r in validation[:60])
@@ -263,6 +271,7 @@ def test_vocabulary_covers_every_question_and_answer(validation, validation_mc):
     (lambda: synth.generate("train", flavour="scienceqa"), "vqa, mc"),
     (lambda: synth.generate("train", n=0), "positive"),
     (lambda: synth.generate("test", n=-3), "positive"),
+    (lambda: synth.generate("test", n=3, start=-1), "index >= 0"),
     (lambda: synth.load_synth("valid"), "train, validation, test"),
     (lambda: synth.export("test", "/nonexistent-never-written", format="csv"), "parquet, disk"),
 ])

@@ -87,10 +87,11 @@ def test_train_tiny_builds_a_model_then_a_further_stage_continues_it(tmp_path):
     loaded = load_model(str(first), device="cpu")
     assert loaded.adapter.num_layers == 2 and loaded.model.config.vision_config.hidden_size == 32
 
-    assert main(["train-tiny", "--family", "llava", "--init-from", str(first), "--n-train", "64", "--epochs", "1",
-                 "--eval-every", "1", "--lr", "1e-2", "--threads", "1", "--output", str(second)]) == 0
+    assert main(["train-tiny", "--family", "llava", "--init-from", str(first), "--n-train", "64", "--train-start", "64",
+                 "--epochs", "1", "--eval-every", "1", "--lr", "1e-2", "--threads", "1", "--output", str(second)]) == 0
     again = json.loads((second / "training_report.json").read_text())
     assert again["init_from"] == str(first) and again["spec"]["hidden_size"] == 32
+    assert (report["train_start"], again["train_start"]) == (0, 64)  # the second stage's 64 items are unseen
     assert [stage["steps_done"] for stage in again["stages"]] == [2] and again["steps_done"] == 1
     before = AutoModelForImageTextToText.from_pretrained(first).state_dict()
     after = AutoModelForImageTextToText.from_pretrained(second).state_dict()
@@ -101,6 +102,8 @@ def test_train_tiny_builds_a_model_then_a_further_stage_continues_it(tmp_path):
 
     # A file-system error: one line and exit code 2 at the CLI boundary, the traceback with --debug.
     assert main(["train-tiny", "--family", "llava", "--init-from", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match="--train-start"):
+        main(["--debug", "train-tiny", "--family", "llava", "--train-start", "-5", "--output", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no config.json"):
         main(["--debug", "train-tiny", "--family", "llava", "--init-from", str(tmp_path / "missing"),
               "--output", str(tmp_path)])

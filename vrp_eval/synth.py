@@ -410,20 +410,27 @@ def _check_flavour(flavour: str) -> None:
         raise ValueError(f"unknown flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
 
 
-def generate(split: str, n: int | None = None, seed: int | None = None, flavour: str = "vqa") -> list[dict]:
-    """The first `n` records of `split` (default size `DEFAULT_SIZES[split]`), PIL images included.
+def generate(split: str, n: int | None = None, seed: int | None = None, flavour: str = "vqa",
+             start: int = 0) -> list[dict]:
+    """The `n` records of `split` from index `start` on (default: the first `DEFAULT_SIZES[split]`),
+    PIL images included.
 
-    `seed` defaults to the split's own (`SPLIT_SEEDS`); the same (split, seed, n) gives identical
-    records and byte-identical images. `flavour="mc"` gives the ScienceQA-style records.
+    `seed` defaults to the split's own (`SPLIT_SEEDS`); the same (split, seed, start, n) gives
+    identical records and byte-identical images, and each record depends on its index only, so
+    `generate(split, n, start=k)` is `generate(split, k + n)[k:]`: ranges that do not overlap share no
+    item (a further training stage draws unseen items that way). `flavour="mc"` gives the
+    ScienceQA-style records.
     """
     _check_split(split, flavour)
     if n is None:
         n = DEFAULT_SIZES[split]
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"n must be a positive number of records, got {n!r}")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"start must be a record index >= 0, got {start!r}")
     seed = SPLIT_SEEDS[split] if seed is None else seed
     records = []
-    for index in range(n):
+    for index in range(start, start + n):
         item = _item(split, seed, index)
         choices = item.pop("_choices")
         if flavour == "mc":

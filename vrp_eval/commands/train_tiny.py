@@ -12,6 +12,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n-train", type=int, default=40000)
+    parser.add_argument("--train-start", type=int, default=0,
+                        help="train-split index of the first training item (default 0); a further stage gives the "
+                             "end of the earlier stages' range to train on unseen items (--seed does not change the items)")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers")
     parser.add_argument("--image-size", type=int, default=48, help="model input resolution (multiple of 8)")
     parser.add_argument("--hidden-size", type=int, default=64, help="decoder width")
@@ -34,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     from vrp_eval.zoo.train import train_tiny
 
     report = train_tiny(args.family, args.output, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        n_train=args.n_train, seed=args.seed, spec=TinySpec(num_layers=args.layers, image_size=args.image_size, hidden_size=args.hidden_size,
+                        n_train=args.n_train, train_start=args.train_start, seed=args.seed, spec=TinySpec(num_layers=args.layers, image_size=args.image_size, hidden_size=args.hidden_size,
                                                                intermediate_size=args.intermediate_size, num_heads=args.heads,
                                                                vision_layers=args.vision_layers, vision_hidden=args.vision_hidden),
                         threads=args.threads, device=args.device,

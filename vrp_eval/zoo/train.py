@@ -101,6 +101,7 @@ def train_tiny(
     batch_size: int = 64,
     lr: float = 1e-3,
     n_train: int = 40000,
+    train_start: int = 0,
     n_eval: int = 500,
     seed: int = 0,
     spec: TinySpec | None = None,
@@ -113,9 +114,14 @@ def train_tiny(
     """Train `family` from scratch (or continue from the `save_pretrained` folder or zoo name
     `init_from`, a further stage) and save it with `save_pretrained`; returns the training report.
     With `eval_every`, every that many steps the model is scored on the first 200 validation items
-    and saved to `output_dir` (a checkpoint to keep if the run is stopped)."""
+    and saved to `output_dir` (a checkpoint to keep if the run is stopped). The training items are
+    the train split's `n_train` from index `train_start` on; `seed` changes the prompt templates, the
+    order and a new model's initialisation, not the items (a further stage that should see unseen
+    items gives a `train_start` past the earlier stages' ranges, recorded in each report)."""
     if family not in FAMILY_TO_NAME:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_TO_NAME)}")
+    if not isinstance(train_start, int) or isinstance(train_start, bool) or train_start < 0:
+        raise ValueError(f"train_start must be a train-split index >= 0, got {train_start!r} (--train-start)")
     if threads:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir) if output_dir else Path(__file__).parent / FAMILY_TO_NAME[family]
@@ -142,14 +148,14 @@ def train_tiny(
         model, processor = build_tiny(family, synth.vocabulary(), spec, seed=seed)
     adapter = adapter_for(model, processor)
     model.to(device)
-    train = synth.generate("train", n=n_train)
+    train = synth.generate("train", n=n_train, start=train_start)
     val = synth.generate("validation", n=n_eval)
     rng = random.Random(seed)
     items = pre_encode(adapter, [r["image"] for r in train], [prompt_for(adapter, r["question"], rng) for r in train],
                        [r["multiple_choice_answer"] for r in train])
     del train
     torch.manual_seed(seed)
-    steps = int(math.ceil(epochs * n_train / batch_size))
+    steps = math.ceil(epochs * n_train / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     # Warm-up then cosine decay to zero at `total[0]`; with a time budget the total is re-estimated
     # from the measured step time, so the schedule still anneals fully before the budget runs out.
@@ -207,7 +213,7 @@ def train_tiny(
     model.to("cpu")
     report = {
         "family": family, "name": FAMILY_TO_NAME[family], "steps": steps, "steps_done": len(losses), "batch_size": batch_size, "lr": lr,
-        "epochs": epochs, "n_train": n_train, "seed": seed, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "epochs": epochs, "n_train": n_train, "train_start": train_start, "seed": seed, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "val_exact_match": accuracy["all"], "val_exact_match_normal": accuracy["normal"],
         "val_exact_match_hard": accuracy["hard"], "device": device, "n_val": len(val), "seconds": round(time.time() - started, 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
