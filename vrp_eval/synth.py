@@ -410,6 +410,12 @@ def _check_flavour(flavour: str) -> None:
         raise ValueError(f"unknown flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
 
 
+def check_start(start: Any, name: str = "start") -> None:
+    """A ValueError unless `start` (called `name` in the message) is a record index >= 0."""
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"{name} must be a record index >= 0, got {start!r}")
+
+
 def generate(split: str, n: int | None = None, seed: int | None = None, flavour: str = "vqa",
              start: int = 0) -> list[dict]:
     """The `n` records of `split` from index `start` on (default: the first `DEFAULT_SIZES[split]`),
@@ -426,8 +432,7 @@ def generate(split: str, n: int | None = None, seed: int | None = None, flavour:
         n = DEFAULT_SIZES[split]
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"n must be a positive number of records, got {n!r}")
-    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-        raise ValueError(f"start must be a record index >= 0, got {start!r}")
+    check_start(start)
     seed = SPLIT_SEEDS[split] if seed is None else seed
     records = []
     for index in range(start, start + n):

@@ -120,8 +120,7 @@ def train_tiny(
     items gives a `train_start` past the earlier stages' ranges, recorded in each report)."""
     if family not in FAMILY_TO_NAME:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_TO_NAME)}")
-    if not isinstance(train_start, int) or isinstance(train_start, bool) or train_start < 0:
-        raise ValueError(f"train_start must be a train-split index >= 0, got {train_start!r} (--train-start)")
+    synth.check_start(train_start, "train_start (--train-start)")  # before any model is built or loaded
     if threads:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir) if output_dir else Path(__file__).parent / FAMILY_TO_NAME[family]
